@@ -1,0 +1,61 @@
+// speed/embed.h: prompts -> text-encoder rows, exactly as Stable Diffusion sees them (SPEC §1.1).
+//
+// Last-subject mode encodes only ids 0..j(p) of each prompt (causal attention, no padding mask:
+// the row is exact), grouped by length into batches; all-tokens mode runs the full 77 ids.
+// Each row is computed as if the prompt were alone (no batching artefacts).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "speed/checkpoint.h"
+#include "speed/tokenizer.h"
+
+namespace speed {
+
+class TextEncoder;  // speed/clip.h
+
+struct EmbedOptions {
+  std::string device = "cpu";               // "cpu" or "cuda"
+  std::optional<std::string> cache_dir;     // embedding cache (nullopt: no cache)
+  int max_batch_tokens = 4096;              // batch size cap, in tokens
+};
+
+// The model's conditioning encoder(s) + tokenizer, ready to embed prompts.
+class Embedder {
+ public:
+  // Loads the text encoder(s) of `ckpt` (strict) and the tokenizer found per SPEC §2.
+  Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tokenizer_path,
+           EmbedOptions options = {});
+  ~Embedder();
+  Embedder(const Embedder&) = delete;
+  Embedder& operator=(const Embedder&) = delete;
+
+  std::int64_t width() const;  // d, the context width (768 SD1, 1024 SD2, 2048 SDXL)
+  int pad_id() const;
+  const ClipTokenizer& tokenizer() const;
+  // Hex hash of the encoder weights (the cache key's first part).
+  const std::string& weights_hash() const;
+
+  std::vector<TokenizedPrompt> tokenize(const std::vector<std::string>& prompts) const;
+
+  // [N, d] float32: the last-subject row of each prompt (index n - 2).
+  at::Tensor last_subject_rows(const std::vector<std::string>& prompts);
+  // [N, 77, d] float32: full hidden states of each prompt.
+  at::Tensor all_tokens(const std::vector<std::string>& prompts);
+
+  // Embedding-cache statistics of this embedder's calls.
+  std::int64_t cache_hits() const;
+  std::int64_t cache_misses() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace speed

@@ -1,0 +1,119 @@
+// speed/safetensors.h: safetensors reading (mmap or memory, zero-copy) and writing.
+//
+// Reader rules follow the Hugging Face reference reader (reference/formats.md §1.3): header
+// length limits, JSON shape, string-only __metadata__, known dtypes, offsets contiguous from 0 and
+// ending at EOF, span = numel x itemsize, no overflow, no duplicate names. Writer rules follow
+// §1.4: compact header beginning with {" and padded with spaces to a multiple of 8, temp file in
+// the target directory + rename.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace speed {
+
+enum class Dtype {
+  BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64,
+};
+
+// "F16" -> Dtype::F16; nullopt for unknown strings.
+std::optional<Dtype> dtype_from_string(std::string_view s);
+const char* dtype_name(Dtype d);
+std::size_t dtype_size(Dtype d);  // bytes per element
+
+// Limits that guard allocation on hostile input (named in error messages).
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;  // as the reference reader
+inline constexpr std::size_t kMaxTensors = 1'000'000;
+inline constexpr std::size_t kMaxRank = 16;
+
+struct TensorInfo {
+  std::string name;
+  Dtype dtype = Dtype::F32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0;  // byte offsets relative to the data buffer, [begin, end)
+  std::uint64_t end = 0;
+  std::int64_t numel() const;
+  std::uint64_t nbytes() const { return end - begin; }
+};
+
+// A parsed safetensors file. Owns its bytes (a read-only mmap or an in-memory copy).
+class SafeTensors {
+ public:
+  // Memory-maps `path` and validates the header. Throws speed::Error naming the file.
+  static SafeTensors open(const std::string& path);
+  // Parses bytes already in memory (copied); `label` names the source in errors.
+  static SafeTensors from_memory(std::string bytes, std::string label = "<memory>");
+
+  SafeTensors(SafeTensors&&) noexcept;
+  SafeTensors& operator=(SafeTensors&&) noexcept;
+  ~SafeTensors();
+
+  const std::string& path() const;  // or the label
+  std::uint64_t file_size() const;
+  std::uint64_t header_size() const;  // N (the padded JSON length)
+  std::uint64_t data_start() const { return 8 + header_size(); }
+
+  // Tensors in header (JSON) order, which is the order the writer keeps.
+  const std::vector<TensorInfo>& tensors() const;
+  const TensorInfo* find(std::string_view name) const;  // nullptr if absent
+  const TensorInfo& at(std::string_view name) const;    // throws naming the tensor
+  bool contains(std::string_view name) const { return find(name) != nullptr; }
+
+  // Metadata in header order (the __metadata__ object); empty if absent.
+  const std::vector<std::pair<std::string, std::string>>& metadata() const;
+
+  // Raw bytes of a tensor (points into the mapping; valid while this object lives).
+  const std::uint8_t* data(const TensorInfo& t) const;
+  // The whole file's bytes.
+  const std::uint8_t* bytes() const;
+
+ private:
+  struct Impl;
+  explicit SafeTensors(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A tensor to write: name, dtype, shape and its bytes (not owned; must outlive the write call).
+struct TensorData {
+  std::string name;
+  Dtype dtype = Dtype::F32;
+  std::vector<std::int64_t> shape;
+  const void* data = nullptr;
+  std::size_t nbytes = 0;
+};
+
+using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+// Writes a new file with `tensors` in the given order and `metadata` (first in the header).
+// Atomic: writes `<dir>/.<name>.tmp-XXXXXX`, fsyncs, renames over `path`. Refuses to overwrite
+// an existing file unless `overwrite`.
+void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                       const Metadata& metadata, bool overwrite = false);
+
+// Rewrites `source` to `path`: every tensor in the source order; tensors named in `replace`
+// take the given bytes (same dtype, shape and size, checked); tensors named in `drop` are left
+// out; untouched tensors are copied byte for byte (streamed, memory does not grow with file
+// size). Metadata: the source's keys in order, minus `remove_metadata`, then `set_metadata`
+// (replacing values of existing keys in place). A no-op rewrite is byte-identical when the
+// source header was written by the reference writer (compact, padded to 8).
+struct RewriteOptions {
+  std::map<std::string, TensorData> replace;
+  std::vector<std::string> drop;
+  Metadata set_metadata;
+  std::vector<std::string> remove_metadata;
+  bool overwrite = false;
+};
+void rewrite_safetensors(const SafeTensors& source, const std::string& path,
+                         const RewriteOptions& options);
+
+// Serialises the header JSON for `tensors` (offsets assigned in order) and metadata, padded.
+std::string make_header(const std::vector<TensorData>& tensors, const Metadata& metadata);
+
+}  // namespace speed

@@ -1,0 +1,4 @@
+#pragma once
+namespace speed {
+inline constexpr const char* kVersion = SPEED_VERSION;
+}

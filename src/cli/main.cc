@@ -1,0 +1,95 @@
+// speed-erase: CLI11 wiring, logging set-up and exit codes; the work is in libspeed.
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+
+#include "commands.h"
+#include "speed/error.h"
+#include "speed/log.h"
+#include "speed/version.h"
+
+namespace speed::cli {
+
+void setup_logging(const Globals& globals) {
+  auto logger = spdlog::stderr_color_mt("speed-cli");
+  logger->set_pattern("%^%l%$: %v");
+  logger->set_level(globals.verbosity < 0   ? spdlog::level::warn
+                    : globals.verbosity > 0 ? spdlog::level::debug
+                                            : spdlog::level::info);
+  set_logger(logger);
+}
+
+}  // namespace speed::cli
+
+namespace {
+
+bool is_subcommand(const char* a) {
+  for (const char* s : {"erase", "inspect", "tokenize", "encode", "eval"}) {
+    if (std::strcmp(a, s) == 0) return true;
+  }
+  return false;
+}
+
+int print_error(const std::string& message, const std::string& hint, int status) {
+  std::cerr << "error: " << message << "\n";
+  if (!hint.empty()) std::cerr << "hint: " << hint << "\n";
+  return status;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace speed::cli;
+  // `erase` is implied when the first argument is not a subcommand (SPEC §3).
+  std::vector<char*> args(argv, argv + argc);
+  static char erase_word[] = "erase";
+  if (argc > 1 && !is_subcommand(argv[1]) && std::strcmp(argv[1], "--help") != 0 &&
+      std::strcmp(argv[1], "-h") != 0 && std::strcmp(argv[1], "--version") != 0) {
+    args.insert(args.begin() + 1, erase_word);
+  }
+
+  CLI::App app{"speed-erase: closed-form concept erasure (SPEED) for Stable Diffusion checkpoints"};
+  app.set_version_flag("--version", std::string("speed-erase ") + speed::kVersion);
+  app.require_subcommand(0, 1);
+  Action action;
+  Globals globals;
+  if (add_erase_command) add_erase_command(app, action, globals);
+  if (add_inspect_command) add_inspect_command(app, action, globals);
+  if (add_tokenize_command) add_tokenize_command(app, action, globals);
+  if (add_encode_command) add_encode_command(app, action, globals);
+  if (add_eval_command) add_eval_command(app, action, globals);
+
+  try {
+    app.parse(static_cast<int>(args.size()), args.data());
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    return print_error(e.what(), "run 'speed-erase --help' for usage", 2);
+  }
+  if (!action) {
+    std::cerr << app.help();
+    return 2;
+  }
+  try {
+    setup_logging(globals);
+    return action();
+  } catch (const speed::Error& e) {
+    return print_error(e.what(), e.hint(), static_cast<int>(e.kind()));
+  } catch (const c10::Error& e) {
+    return print_error(e.what_without_backtrace(), "", 1);
+  } catch (const CLI::ParseError& e) {
+    return print_error(e.what(), "", 2);
+  } catch (const std::bad_alloc&) {
+    return print_error("out of memory", "", 1);
+  } catch (const std::exception& e) {
+    return print_error(e.what(), "", 1);
+  }
+}

@@ -1,0 +1,1 @@
+#include "speed/error.h"
