@@ -34,6 +34,9 @@ class ClipTokenizer {
   static ClipTokenizer load(const std::string& path);
   // From in-memory merges text (the uncompressed file content), for tests and fuzzing.
   static ClipTokenizer from_merges_text(std::string_view text, const std::string& label = "<memory>");
+  // From in-memory vocab.json + merges.txt content (a diffusers tokenizer/ folder).
+  static ClipTokenizer from_diffusers_text(std::string_view vocab_json, std::string_view merges_text,
+                                           const std::string& label = "<memory>");
 
   ClipTokenizer(ClipTokenizer&&) noexcept;
   ClipTokenizer& operator=(ClipTokenizer&&) noexcept;
@@ -44,6 +47,8 @@ class ClipTokenizer {
   std::vector<std::int32_t> encode(std::string_view text) const;
   // 77 ids with SOT/EOT, truncated to 75 content tokens, padded with pad_id.
   TokenizedPrompt tokenize(std::string_view text, int pad_id = kEot) const;
+
+  int vocab_size() const;  // 49408
 
   // The ftfy-like normalisation + whitespace collapse + lowercase of SPEC §2 (exposed for tests).
   static std::string normalize(std::string_view text);
