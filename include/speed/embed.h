@@ -24,7 +24,11 @@ struct EmbedOptions {
   std::string device = "cpu";               // "cpu" or "cuda"
   std::optional<std::string> cache_dir;     // embedding cache (nullopt: no cache)
   int max_batch_tokens = 4096;              // batch size cap, in tokens
+  at::ScalarType dtype = at::kFloat;        // compute and result precision (kDouble for checks)
 };
+
+// $XDG_CACHE_HOME/speed-erase, else $HOME/.cache/speed-erase; nullopt when neither is set.
+std::optional<std::string> default_cache_dir();
 
 // The model's conditioning encoder(s) + tokenizer, ready to embed prompts.
 class Embedder {
@@ -37,17 +41,22 @@ class Embedder {
   Embedder& operator=(const Embedder&) = delete;
 
   std::int64_t width() const;  // d, the context width (768 SD1, 1024 SD2, 2048 SDXL)
-  int pad_id() const;
+  int pad_id() const;  // of the first encoder
   const ClipTokenizer& tokenizer() const;
   // Hex hash of the encoder weights (the cache key's first part).
   const std::string& weights_hash() const;
 
   std::vector<TokenizedPrompt> tokenize(const std::vector<std::string>& prompts) const;
 
-  // [N, d] float32: the last-subject row of each prompt (index n - 2).
+  // [N, d] float32 (options.dtype) on the CPU: the last-subject row of each prompt (index
+  // n - 2), computed from ids 0..n-2 only. Identical prompts are encoded once.
   at::Tensor last_subject_rows(const std::vector<std::string>& prompts);
-  // [N, 77, d] float32: full hidden states of each prompt.
+  // [N, 77, d] float32 (options.dtype) on the CPU: full hidden states of each prompt (77 ids,
+  // padding included, each encoder with its own pad id).
   at::Tensor all_tokens(const std::vector<std::string>& prompts);
+  // The same from already tokenized prompts (ids as tokenized with pad_id()).
+  at::Tensor last_subject_rows(const std::vector<TokenizedPrompt>& tokens);
+  at::Tensor all_tokens(const std::vector<TokenizedPrompt>& tokens);
 
   // Embedding-cache statistics of this embedder's calls.
   std::int64_t cache_hits() const;

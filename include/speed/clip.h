@@ -1,0 +1,78 @@
+// speed/clip.h: the CLIP text transformer (reference/formats.md §3), strict loading both ways.
+//
+// The module tree spells the canonical (HF CLIPTextModel) names: named_parameters() keys are
+// embeddings.token_embedding.weight, encoder.layers.N.self_attn.q_proj.weight, ... OpenCLIP files
+// (fused in_proj, positional_embedding, ln_1/ln_2, c_fc/c_proj, ln_final) are mapped at load.
+// Weights stored F16/BF16/F32 compute in F32 (or F64 for reference checks); the token embedding
+// stays in its stored dtype (a view over the mapping) and only the gathered rows are widened.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "speed/checkpoint.h"
+#include "speed/safetensors.h"
+
+namespace speed {
+
+struct TextEncoderOptions {
+  at::ScalarType dtype = at::kFloat;  // compute precision: kFloat or kDouble
+  std::string device = "cpu";         // "cpu", "cuda", "cuda:N"
+};
+
+class TextEncoder {
+ public:
+  // Strict load of `info` from `st`: a missing tensor, a tensor under info.prefix that is not
+  // used (except position_ids, text_projection, logit_scale, attn_mask, layers beyond
+  // output_layer and a final LN that is not applied), or a wrong shape throws speed::Error naming
+  // the tensor with got/expected.
+  static std::unique_ptr<TextEncoder> load(std::shared_ptr<const SafeTensors> st,
+                                           const TextEncoderInfo& info,
+                                           TextEncoderOptions options = {});
+  // Encoder `index` of an opened checkpoint.
+  static std::unique_ptr<TextEncoder> load(const Checkpoint& ckpt, std::size_t index,
+                                           TextEncoderOptions options = {});
+  // From tensors under canonical HF names (no prefix), e.g. built in a test; same strictness.
+  static std::unique_ptr<TextEncoder> from_tensors(const std::map<std::string, at::Tensor>& named,
+                                                   const TextEncoderInfo& info,
+                                                   TextEncoderOptions options = {});
+  ~TextEncoder();
+  TextEncoder(const TextEncoder&) = delete;
+  TextEncoder& operator=(const TextEncoder&) = delete;
+
+  const TextEncoderInfo& info() const;
+  at::ScalarType dtype() const;
+  at::Device device() const;
+  int layers_run() const;  // transformer blocks applied before the output
+
+  // ids: [B, T] integer (any device), 1 <= T <= positions, values < vocab.
+  // Returns [B, T, width] in the compute dtype on the encoder's device: the output of the
+  // configured layer (+ final LN when enabled), position ids 0..T-1, causal mask, no padding mask.
+  at::Tensor forward(const at::Tensor& ids) const;
+
+  // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor).
+  std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
+
+  // XXH64 over the stored bytes of every tensor used (in canonical order), their names, dtypes
+  // and shapes, and the configuration that changes the output (layers run, final LN,
+  // activation, heads, pad id). Computed on first call (~246 MB for CLIP-L), then cached.
+  std::uint64_t weights_hash() const;
+
+ private:
+  struct Impl;
+  explicit TextEncoder(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Writes a seeded synthetic text encoder with real shapes (e.g. CLIP-L: width 768, 12 layers,
+// MLP 3072, vocab 49408) in `dtype` under `info.prefix` in HF naming: for benchmarks and tests.
+// Weights ~ N(0, 0.02), LN weights 1, so activations stay O(1).
+void write_synthetic_text_encoder(const std::string& path, const TextEncoderInfo& info,
+                                  Dtype dtype, std::uint64_t seed, bool overwrite = false);
+
+}  // namespace speed

@@ -1,0 +1,73 @@
+// speed/tensor.h: safetensors tensors <-> at::Tensor, a fast 64-bit hash, fmt formatters for
+// torch types (build-env.md trap 5).
+//
+// Views over a mapped file are zero-copy when the data is aligned to its element size (the
+// reference writer guarantees this; older files may not) and a copy otherwise. Mapped memory is
+// read-only: never modify a view in place (clone first).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ostream.h>
+
+#include "speed/safetensors.h"
+
+namespace speed {
+
+// Dtype <-> torch scalar type. Throws for dtypes this LibTorch cannot hold (F8_*, U16/U32/U64).
+at::ScalarType to_scalar_type(Dtype d);
+std::optional<at::ScalarType> try_scalar_type(Dtype d);
+// Throws for torch types safetensors cannot name here (complex, quantized, ...).
+Dtype to_dtype(at::ScalarType t);
+
+// A CPU tensor of the stored dtype and shape over `info`'s bytes in `st`. Zero-copy when
+// aligned: the tensor then keeps `st` alive. Otherwise the bytes are copied once.
+at::Tensor tensor_view(std::shared_ptr<const SafeTensors> st, const TensorInfo& info);
+// Same, but the caller guarantees `st` outlives the tensor (no ownership is taken).
+at::Tensor tensor_view_unowned(const SafeTensors& st, const TensorInfo& info);
+// True when tensor_view of `info` will be zero-copy.
+bool is_aligned(const SafeTensors& st, const TensorInfo& info);
+
+// The tensor as `dtype` (a floating type), in one conversion from the stored bytes: a widening
+// F16/BF16 -> F32/F64 reads the mapping directly (no intermediate copy); the same dtype gives the
+// zero-copy view itself (read-only!). Integer or bool sources are refused for floating targets.
+at::Tensor load_tensor(std::shared_ptr<const SafeTensors> st, const TensorInfo& info,
+                       at::ScalarType dtype);
+
+// A tensor ready for write_safetensors: `holder` keeps a contiguous CPU copy (or the tensor
+// itself when already contiguous on the CPU) alive as long as `data` is used.
+struct TensorBytes {
+  at::Tensor holder;
+  TensorData data;
+};
+TensorBytes tensor_bytes(std::string name, const at::Tensor& t);
+
+// XXH64 (the xxHash 64-bit algorithm, bit-exact) of a byte range: ~GB/s per core.
+std::uint64_t hash64(const void* data, std::size_t n, std::uint64_t seed = 0);
+// Combines hashes in order (not commutative): h = hash64(previous || value).
+std::uint64_t hash_combine(std::uint64_t h, std::uint64_t value);
+std::string hex64(std::uint64_t h);  // 16 lower-case hex digits
+
+// "[768, 512]" (the message grammar's shape form).
+std::string shape_string(at::IntArrayRef shape);
+
+}  // namespace speed
+
+// fmt 9 cannot format torch types by itself.
+template <>
+struct fmt::formatter<at::Tensor> : fmt::ostream_formatter {};
+template <>
+struct fmt::formatter<c10::ScalarType> : fmt::ostream_formatter {};
+template <>
+struct fmt::formatter<c10::IntArrayRef> : fmt::formatter<std::string> {
+  template <typename FormatContext>
+  auto format(c10::IntArrayRef shape, FormatContext& ctx) const -> decltype(ctx.out()) {
+    return fmt::formatter<std::string>::format(speed::shape_string(shape), ctx);
+  }
+};
