@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "speed/safetensors.h"
 
 namespace speed {
@@ -22,6 +24,8 @@ enum class Activation { QuickGELU, GELU };
 
 const char* family_name(Family f);  // "sd1", "sd2", "sdxl"
 const char* layout_name(Layout l);  // "single-file", "unet-only", "diffusers"
+const char* naming_name(TextNaming n);      // "hf", "openclip"
+const char* activation_name(Activation a);  // "quick_gelu", "gelu"
 
 // One cross-attention projection to edit (an attn2.to_k or attn2.to_v weight).
 struct KVLayer {
@@ -44,6 +48,9 @@ struct TextEncoderInfo {
   int output_layer = -1;        // layers to run (-1 = all); SD2 penultimate, SDXL layer 11 / 31
   bool final_layer_norm = true; // SD1/SD2 yes, SDXL no
   bool has_projection = false;
+  std::string projection_key;                // the projection tensor's key, when has_projection
+  std::optional<std::string> config_path;    // diffusers text_encoder*/config.json, if read
+  std::optional<std::string> tokenizer_dir;  // diffusers tokenizer/ or tokenizer_2/, if present
 };
 
 struct CheckpointFile {
@@ -62,8 +69,16 @@ struct Checkpoint {
   std::int64_t context_dim = 768;
   std::optional<std::string> tokenizer_dir;    // diffusers tokenizer/ folder if present
   bool has_ema = false;
+  std::size_t ema_tensors = 0;  // model_ema.* tensors (all of them, twins or not)
+
+  std::string unet_naming = "ldm";  // "ldm" or "diffusers": how the UNet keys are spelled
+  std::string unet_prefix;          // e.g. "model.diffusion_model." ("" for bare / diffusers)
+  std::string variant;              // diffusers weight variant ("fp16") or ""
+  std::optional<std::string> unet_index;  // diffusers sharded index (.safetensors.index.json)
+  std::vector<std::string> detection;     // how the family was decided (one line per clue)
 
   const SafeTensors& file(std::size_t i) const { return *files.at(i).st; }
+  std::size_t kv_layers() const { return kv.size() / 2; }  // attention blocks (16 SD1/SD2, 70 SDXL)
 };
 
 // Opens and detects a checkpoint: a .safetensors file (single-file or bare UNet) or a diffusers
@@ -77,5 +92,14 @@ Checkpoint detect_checkpoint(std::shared_ptr<const SafeTensors> st, const std::s
 // LDM block name <-> diffusers block name (e.g. "input_blocks.1.1" <-> "down_blocks.0.attentions.0").
 std::optional<std::string> ldm_to_diffusers_block(const std::string& ldm_block);
 std::optional<std::string> diffusers_to_ldm_block(const std::string& diffusers_block);
+
+// LitEma's twin name of a single-file UNet key: "model_ema." + the key without its first
+// component and without dots (model.diffusion_model.a.1.b -> model_ema.diffusion_modela1b).
+std::string ema_twin_name(const std::string& source_key);
+
+// What `speed-erase inspect` prints: a stable JSON description (ordered keys) and a
+// human-readable rendering of the same facts.
+nlohmann::ordered_json describe_checkpoint(const Checkpoint& ckpt);
+std::string describe_checkpoint_text(const Checkpoint& ckpt);
 
 }  // namespace speed

@@ -4,7 +4,7 @@
 // length limits, JSON shape, string-only __metadata__, known dtypes, offsets contiguous from 0 and
 // ending at EOF, span = numel x itemsize, no overflow, no duplicate names. Writer rules follow
 // §1.4: compact header beginning with {" and padded with spaces to a multiple of 8, temp file in
-// the target directory + rename.
+// the target directory + fsync + rename; a failed or interrupted write leaves no output.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +28,9 @@ std::optional<Dtype> dtype_from_string(std::string_view s);
 const char* dtype_name(Dtype d);
 std::size_t dtype_size(Dtype d);  // bytes per element
 
+// "[320, 768]" (the message grammar's shape spelling).
+std::string format_shape(const std::vector<std::int64_t>& shape);
+
 // Limits that guard allocation on hostile input (named in error messages).
 inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;  // as the reference reader
 inline constexpr std::size_t kMaxTensors = 1'000'000;
@@ -48,7 +51,7 @@ class SafeTensors {
  public:
   // Memory-maps `path` and validates the header. Throws speed::Error naming the file.
   static SafeTensors open(const std::string& path);
-  // Parses bytes already in memory (copied); `label` names the source in errors.
+  // Parses bytes already in memory (moved in, not copied again); `label` names the source in errors.
   static SafeTensors from_memory(std::string bytes, std::string label = "<memory>");
 
   SafeTensors(SafeTensors&&) noexcept;
@@ -59,6 +62,7 @@ class SafeTensors {
   std::uint64_t file_size() const;
   std::uint64_t header_size() const;  // N (the padded JSON length)
   std::uint64_t data_start() const { return 8 + header_size(); }
+  std::string_view header_json() const;  // the N header bytes, padding included
 
   // Tensors in header (JSON) order, which is the order the writer keeps.
   const std::vector<TensorInfo>& tensors() const;
@@ -68,6 +72,7 @@ class SafeTensors {
 
   // Metadata in header order (the __metadata__ object); empty if absent.
   const std::vector<std::pair<std::string, std::string>>& metadata() const;
+  const std::string* metadata_value(std::string_view key) const;  // nullptr if absent
 
   // Raw bytes of a tensor (points into the mapping; valid while this object lives).
   const std::uint8_t* data(const TensorInfo& t) const;
@@ -81,6 +86,7 @@ class SafeTensors {
 };
 
 // A tensor to write: name, dtype, shape and its bytes (not owned; must outlive the write call).
+// For SafetensorsWriter only name/dtype/shape are used (data may stay null).
 struct TensorData {
   std::string name;
   Dtype dtype = Dtype::F32;
@@ -93,19 +99,43 @@ using Metadata = std::vector<std::pair<std::string, std::string>>;
 
 // Writes a new file with `tensors` in the given order and `metadata` (first in the header).
 // Atomic: writes `<dir>/.<name>.tmp-XXXXXX`, fsyncs, renames over `path`. Refuses to overwrite
-// an existing file unless `overwrite`.
+// an existing file unless `overwrite`, and never replaces something that is not a regular file.
 void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
                        const Metadata& metadata, bool overwrite = false);
 
+// Streaming writer for outputs too big to hold in memory (e.g. full-size synthetic checkpoints):
+// the header is fixed up front, then the tensors' bytes are appended in order with write().
+// commit() checks the byte count, fsyncs and renames; destroying an uncommitted writer (or any
+// error) removes the temp file.
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(const std::string& path, const std::vector<TensorData>& tensors,
+                    const Metadata& metadata, bool overwrite = false);
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+  ~SafetensorsWriter();
+  void write(const void* data, std::size_t nbytes);
+  void commit();
+  std::uint64_t expected_data_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 // Rewrites `source` to `path`: every tensor in the source order; tensors named in `replace`
 // take the given bytes (same dtype, shape and size, checked); tensors named in `drop` are left
-// out; untouched tensors are copied byte for byte (streamed, memory does not grow with file
-// size). Metadata: the source's keys in order, minus `remove_metadata`, then `set_metadata`
-// (replacing values of existing keys in place). A no-op rewrite is byte-identical when the
-// source header was written by the reference writer (compact, padded to 8).
+// out; `append` tensors are added at the end; untouched tensors are copied byte for byte
+// (streamed, memory does not grow with file size). Metadata: the source's keys in order, minus
+// `remove_metadata`, then `set_metadata` (replacing values of existing keys in place, new keys
+// appended). When neither the tensor list nor the metadata change and the source header is
+// canonical (begins with {" and N is a multiple of 8), the source header bytes are reused
+// verbatim, so a no-op rewrite is byte-identical. Refuses `path` naming the source file itself
+// (same inode, whatever the spelling).
 struct RewriteOptions {
   std::map<std::string, TensorData> replace;
   std::vector<std::string> drop;
+  std::vector<TensorData> append;
   Metadata set_metadata;
   std::vector<std::string> remove_metadata;
   bool overwrite = false;
@@ -115,5 +145,12 @@ void rewrite_safetensors(const SafeTensors& source, const std::string& path,
 
 // Serialises the header JSON for `tensors` (offsets assigned in order) and metadata, padded.
 std::string make_header(const std::vector<TensorData>& tensors, const Metadata& metadata);
+
+// Temp files of writes in progress are registered so that SIGINT/SIGTERM/SIGHUP can unlink them
+// (async-signal-safe) before the process dies with the signal's default action. The CLI calls
+// this once at start-up; the library never installs handlers by itself.
+void install_cleanup_signal_handlers();
+// Number of temp files currently registered (tests).
+std::size_t pending_temp_files();
 
 }  // namespace speed
