@@ -1,0 +1,286 @@
+// The SPEED per-layer edit (SPEC §1.3) and its scheduling over layers.
+//
+// Three phases, so that layers run in parallel while the random stream is consumed exactly in the
+// reference's order (one CPU generator: randperm first, then the DPA draws layer by layer):
+//   A (parallel)   E = W G, IPF, the DPA direction v;
+//   B (sequential) the DPA noise of every layer, in layer order, reduced at once to the kept
+//                  perturbed rows (row index, coefficient c of r' = r + c v);
+//   C (parallel)   C_rr, its eigen-decomposition, P and the closed form.
+// With IPF and DPA both off, C_rr (and so P and the whole right factor H of ΔW = W H) is the same
+// for every layer: it is computed once.
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include "erase_internal.h"
+#include "speed/error.h"
+#include "speed/log.h"
+#include "speed/tensor.h"
+
+namespace speed::detail {
+
+at::Tensor layer_weight(const LayerInput& layer, const Prepared& p) {
+  const at::Tensor& w = layer.weight;
+  SPEED_CHECK(w.defined() && w.dim() == 2 && w.size(1) == p.eye.size(0),
+              "layer '{}' has shape {}, expected [out, {}]", layer.name,
+              w.defined() ? shape_string(w.sizes()) : std::string("undefined"), p.eye.size(0));
+  SPEED_CHECK(at::isFloatingType(w.scalar_type()), "layer '{}' has dtype {}, expected a floating type",
+              layer.name, w.scalar_type());
+  at::Tensor W = w.to(p.device, at::kDouble);
+  SPEED_CHECK(at::isfinite(W).all().item<bool>(), "layer '{}' contains non-finite values", layer.name);
+  return W;
+}
+
+void for_each_layer(std::size_t n, int threads, const std::function<void(std::size_t)>& fn) {
+  std::size_t workers = threads > 0 ? static_cast<std::size_t>(threads)
+                                    : static_cast<std::size_t>(std::max(1, at::get_num_threads()));
+  workers = std::min(workers, n);
+  if (workers <= 1) {
+    for (std::size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<std::size_t> next{0};
+  std::vector<std::exception_ptr> errors(n);
+  auto work = [&] {
+    for (std::size_t i = next++; i < n; i = next++) {
+      try {
+        fn(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+namespace {
+
+constexpr std::int64_t kChunk = 128;     // the reference's chunk_size
+constexpr std::int64_t kMiniBatch = 8;   // generate_perturbed_embs' mini_batch
+
+struct NullSpace {
+  at::Tensor P;  // [d, d]
+  std::int64_t dim = 0;
+  double below = std::numeric_limits<double>::quiet_NaN();
+  double above = std::numeric_limits<double>::quiet_NaN();
+};
+
+NullSpace null_space(const at::Tensor& crr, double tau) {
+  at::Tensor evals, evecs;
+  std::tie(evals, evecs) = at::linalg_eigh(crr);  // ascending
+  const at::Tensor ev = evals.cpu();
+  const double* e = ev.data_ptr<double>();
+  const std::int64_t d = ev.numel();
+  NullSpace ns;
+  while (ns.dim < d && e[ns.dim] < tau) ++ns.dim;
+  if (ns.dim > 0) ns.below = e[ns.dim - 1];
+  if (ns.dim < d) ns.above = e[ns.dim];
+  const at::Tensor us = evecs.slice(1, 0, ns.dim);
+  ns.P = at::matmul(us, us.t());
+  return ns;
+}
+
+[[noreturn]] void empty_null_space(const std::string& layer, double tau, double smallest, bool shared) {
+  throw Error(fmt::format("layer '{}'{}: C_rr has no eigenvalue below the threshold {} (smallest {:.6g}), "
+                          "so the edit would be zero",
+                          layer, shared ? " (C_rr is shared by all layers)" : "", tau, smallest),
+              "lower --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = 0");
+}
+
+// H with ΔW = W H: H = A P (I − M K2 (K2ᵀ P M K2 + λI)⁻¹ K2ᵀ P) M, M = (Ctt P + sI)⁻¹, A = Cat − Ctt.
+// One LU of Q = Ctt P + sI serves both M K2 (solve with Q) and X M (solve with Qᵀ).
+at::Tensor right_factor(const Prepared& p, const at::Tensor& A, const at::Tensor& P, const EraseOptions& o,
+                        const std::string& layer) {
+  const at::Tensor Q = at::matmul(p.ctt, P) + o.retain_scale * p.eye;
+  at::Tensor LU, piv;
+  std::tie(LU, piv) = at::linalg_lu_factor(Q);
+  const at::Tensor AP = at::matmul(A, P);
+  if (o.no_iec) return at::linalg_lu_solve(LU, piv, AP.t(), true, true).t();
+  const at::Tensor PK = at::matmul(P, p.k2);                       // [d, k1]
+  const at::Tensor MK = at::linalg_lu_solve(LU, piv, p.k2);        // M K2
+  const std::int64_t d = A.size(0);
+  const at::Tensor Z = at::linalg_lu_solve(LU, piv, at::cat({AP.t(), PK}, 1), true, true);
+  const at::Tensor APM = Z.slice(1, 0, d).t();                     // A P M
+  const at::Tensor K2PM = Z.slice(1, d).t();                       // K2ᵀ P M  [k1, d]
+  const std::int64_t k1 = p.k2.size(1);
+  const at::Tensor S = at::matmul(PK.t(), MK) + o.lambda * at::eye(k1, A.options());
+  const at::Tensor sv = at::linalg_svdvals(S).cpu();
+  const double smax = sv[0].item<double>(), smin = sv[k1 - 1].item<double>();
+  if (!(smin > smax * 1e-13))
+    throw Error(fmt::format("layer '{}': the IEC system K2ᵀ P M K2 + λI is singular (singular values {:.3g} .. {:.3g})",
+                            layer, smax, smin),
+                "the null space does not reach the invariants: use --lambda > 0, fewer --iec-clusters, "
+                "--no-iec, or a larger --threshold");
+  return APM - at::matmul(at::matmul(AP, MK), at::linalg_solve(S, K2PM));
+}
+
+// Right singular vector of W for its smallest singular value in the reduced SVD (the last column
+// of V), through the smaller Gram matrix: for out < d, v ∝ Wᵀu with u the last eigenvector of WWᵀ.
+at::Tensor dpa_direction(const at::Tensor& W) {
+  at::Tensor v;
+  if (W.size(0) >= W.size(1)) {
+    v = std::get<1>(at::linalg_eigh(at::matmul(W.t(), W))).select(1, 0);
+  } else {
+    const at::Tensor u = std::get<1>(at::linalg_eigh(at::matmul(W, W.t()))).select(1, 0);
+    v = at::matmul(W.t(), u);
+    v = v / v.norm();
+  }
+  return v.contiguous();
+}
+
+struct LayerWork {
+  at::Tensor W, ER;       // W [out, d]; ER = R_k Eᵀ [n_k, out] for the kept rows
+  at::Tensor kept;        // indices into the shuffled R (int64, math device)
+  at::Tensor v, Ev;       // DPA direction [d], E v [out]
+  at::Tensor aug_rows;    // kept perturbed rows: source index into kept (int64) ...
+  at::Tensor aug_c;       // ... and coefficient c (float64)
+};
+
+// Phase B for one layer: the reference's generate_perturbed_embs, chunk by chunk.
+void draw_augmentation(LayerWork& w, at::Generator& gen, const EraseOptions& o, std::int64_t d) {
+  const std::int64_t nk = w.kept.size(0);
+  const at::Device dev = w.W.device();
+  std::vector<at::Tensor> rows_out, c_out;
+  for (std::int64_t cs = 0; cs < nk; cs += kChunk) {
+    const std::int64_t ce = std::min(nk, cs + kChunk);
+    std::vector<at::Tensor> noise;
+    std::vector<std::int64_t> rows;
+    for (std::int64_t mb = cs; mb < ce; mb += kMiniBatch) {
+      const std::int64_t b = std::min(kMiniBatch, ce - mb);
+      for (int a = 0; a < o.augment; ++a) {
+        noise.push_back(at::randn({b, d}, gen, at::TensorOptions().dtype(at::kFloat)));
+        for (std::int64_t r = 0; r < b; ++r) rows.push_back(mb + r);
+      }
+    }
+    const at::Tensor c = at::matmul(at::cat(noise, 0).to(dev, at::kDouble), w.v);  // n v vᵀ = c vᵀ
+    const at::Tensor idx = at::tensor(rows, at::kLong).to(dev);
+    const at::Tensor norms = (w.ER.index_select(0, idx) + c.unsqueeze(1) * w.Ev.unsqueeze(0)).norm(2, {1});
+    const at::Tensor keep = norms > norms.mean();
+    rows_out.push_back(idx.masked_select(keep));
+    c_out.push_back(c.masked_select(keep));
+  }
+  w.aug_rows = rows_out.empty() ? at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev)) : at::cat(rows_out);
+  w.aug_c = c_out.empty() ? at::empty({0}, w.W.options()) : at::cat(c_out);
+}
+
+// C_rr over the kept rows and the kept perturbed rows r + c v, without forming the latter:
+// Σ (r + cv)(r + cv)ᵀ = Σ r rᵀ + u vᵀ + v uᵀ + (Σ c²) v vᵀ with u = Σ c r.
+at::Tensor retain_covariance(const at::Tensor& Rk, const LayerWork& w) {
+  if (!w.aug_rows.defined() || w.aug_rows.numel() == 0)
+    return at::matmul(Rk.t(), Rk) / static_cast<double>(Rk.size(0));
+  const std::int64_t nk = Rk.size(0);
+  const at::Tensor mult = at::bincount(w.aug_rows, {}, nk).to(at::kDouble) + 1.0;
+  const at::Tensor csum = at::zeros({nk}, Rk.options()).index_add_(0, w.aug_rows, w.aug_c);
+  const at::Tensor u = at::matmul(Rk.t(), csum);
+  const at::Tensor uv = at::outer(u, w.v);
+  const double c2 = (w.aug_c * w.aug_c).sum().item<double>();
+  const at::Tensor crr = at::matmul(Rk.t(), Rk * mult.unsqueeze(1)) + uv + uv.t() + c2 * at::outer(w.v, w.v);
+  return crr / static_cast<double>(nk + w.aug_rows.size(0));
+}
+
+}  // namespace
+
+EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& layers, const EraseOptions& o) {
+  EditResult result;
+  const auto t0 = std::chrono::steady_clock::now();
+  Prepared p = prepare(sets, o, result);
+  const std::int64_t d = p.eye.size(0), n = p.retain.size(0);
+  SPEED_CHECK(o.retain_scale > 0, "option '--retain-scale' is {}, expected > 0 for SPEED (M = (Ctt P + sI)⁻¹)",
+              o.retain_scale);
+
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  const at::Tensor perm = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
+  result.shuffle.assign(perm.data_ptr<std::int64_t>(), perm.data_ptr<std::int64_t>() + n);
+  const at::Tensor R = p.retain.index_select(0, perm.to(p.device));
+
+  const at::Tensor A = p.cat - p.ctt;
+  // G = A (I + Ctt)⁻¹ = ((I + Ctt)⁻¹ Aᵀ)ᵀ, (I + Ctt) symmetric positive definite.
+  const at::Tensor G = at::linalg_solve(p.eye + p.ctt, A.t()).t();
+  const bool shared = !o.ipf && o.augment == 0;
+  NullSpace shared_ns;
+  at::Tensor shared_H;
+  if (shared) {
+    shared_ns = null_space(at::matmul(R.t(), R) / static_cast<double>(n), o.threshold);
+    const std::string first = layers.empty() ? std::string("-") : layers.front().name;
+    if (shared_ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(first, o.threshold, shared_ns.above, true);
+    shared_H = shared_ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, shared_ns.P, o, first);
+    result.notes.push_back("IPF and DPA off: C_rr, P and the right factor are shared by all layers");
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+
+  std::vector<LayerWork> work(layers.size());
+  result.layers.resize(layers.size());
+  if (!shared) {
+    for_each_layer(layers.size(), o.threads, [&](std::size_t i) {  // phase A
+      LayerWork& w = work[i];
+      w.W = layer_weight(layers[i], p);
+      const at::Tensor E = at::matmul(w.W, G);
+      at::Tensor ER = at::matmul(R, E.t());
+      if (o.ipf) {
+        const at::Tensor norms = ER.norm(2, {1});
+        w.kept = (norms > norms.mean()).nonzero().squeeze(1);
+        ER = ER.index_select(0, w.kept);
+      } else {
+        w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
+      }
+      w.ER = ER;
+      if (o.augment > 0) {
+        w.v = dpa_direction(w.W);
+        w.Ev = at::matmul(E, w.v);
+      }
+    });
+    if (o.augment > 0)  // phase B: the one random stream, in layer order
+      for (auto& w : work) draw_augmentation(w, gen, o, d);
+  }
+
+  for_each_layer(layers.size(), o.threads, [&](std::size_t i) {  // phase C
+    LayerWork& w = work[i];
+    LayerResult& lr = result.layers[i];
+    LayerDiagnostics& g = lr.diag;
+    if (!w.W.defined()) w.W = layer_weight(layers[i], p);
+    g.retain_rows = n;
+    at::Tensor H;
+    if (shared) {
+      g.kept_rows = g.rows_used = n;
+      g.null_dim = shared_ns.dim, g.eig_below = shared_ns.below, g.eig_above = shared_ns.above;
+      H = shared_H;
+    } else {
+      const at::Tensor Rk = R.index_select(0, w.kept);
+      g.kept_rows = Rk.size(0);
+      g.augmented_rows = w.aug_rows.defined() ? w.aug_rows.size(0) : 0;
+      g.rows_used = g.kept_rows + g.augmented_rows;
+      SPEED_CHECK(g.kept_rows > 0, "layer '{}': no retain row is left after IPF", layers[i].name);
+      const NullSpace ns = null_space(retain_covariance(Rk, w), o.threshold);
+      g.null_dim = ns.dim, g.eig_below = ns.below, g.eig_above = ns.above;
+      if (ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(layers[i].name, o.threshold, ns.above, false);
+      H = ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, ns.P, o, layers[i].name);
+    }
+    lr.delta = at::matmul(w.W, H);
+    SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite", layers[i].name);
+    diagnose(layers[i], w.W, lr.delta, p, g);
+    w = LayerWork{};  // free this layer's rows early
+  });
+  const auto t2 = std::chrono::steady_clock::now();
+  result.seconds_shared = std::chrono::duration<double>(t1 - t0).count();
+  result.seconds_layers = std::chrono::duration<double>(t2 - t1).count();
+  std::int64_t empty_layers = 0;
+  for (const auto& l : result.layers) empty_layers += l.diag.null_dim == 0;
+  if (empty_layers > 0)
+    result.notes.push_back(fmt::format("{} layer(s) had an empty null space and were left unchanged "
+                                       "(--allow-empty-null-space)", empty_layers));
+  return result;
+}
+
+}  // namespace speed::detail
