@@ -159,8 +159,7 @@ void check_edits(const Checkpoint& ckpt, const EditedWeights& edited) {
                 "edited layer '{}' has shape {}, expected [{}, {}]", name,
                 w.defined() ? shape_string(w.sizes()) : std::string("undefined"), layer->out, layer->in);
     auto st = w.scalar_type();
-    SPEED_CHECK(st == at::kDouble || st == at::kFloat,
-                "edited layer '{}' must be float64 or float32", name);
+    SPEED_CHECK(at::isFloatingType(st), "edited layer '{}' must be a floating-point tensor", name);
   }
 }
 

@@ -218,8 +218,11 @@ LoraFactors lora_factors(const at::Tensor& delta, double rtol, at::ScalarType pr
   LoraFactors f;
   double smax = s.numel() > 0 ? s[0].item<double>() : 0.0;
   if (rtol <= 0) {
-    double eps = precision == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                          : std::numeric_limits<float>::epsilon();
+    // The resolution W' was given in: its rounding noise must not count as rank.
+    double eps = precision == at::kDouble  ? std::numeric_limits<double>::epsilon()
+                 : precision == at::kFloat ? std::numeric_limits<float>::epsilon()
+                 : precision == at::kHalf  ? std::ldexp(1.0, -10)
+                                           : std::ldexp(1.0, -7);
     rtol = static_cast<double>(std::max(d.size(0), d.size(1))) * eps;
   }
   if (smax > 0 && std::isfinite(smax)) {

@@ -39,7 +39,7 @@ struct EraseRequest {
   std::optional<std::string> report;     // --report PATH or "-" (stdout: the CLI prints it)
   int threads = 0;                       // --threads (0: leave LibTorch's default)
   bool no_cache = false;                 // --no-cache
-  std::optional<std::string> cache_dir;  // --cache-dir (default: $XDG_CACHE_HOME/speed-erase)
+  std::optional<std::string> cache_dir;  // --cache-dir (default: embed.h default_cache_dir())
   std::optional<std::string> preset;     // for the report: the preset's name
   ProgressFn progress;                   // may be empty
 };
@@ -70,9 +70,6 @@ void apply_preset(const Preset& preset, const std::set<std::string>& given, Eras
 
 // "auto" -> "cuda" when LibTorch sees a GPU, else "cpu"; "cuda" without one -> error with hint.
 std::string resolve_device(const std::string& device);
-
-// Default embedding cache folder: $XDG_CACHE_HOME/speed-erase or ~/.cache/speed-erase.
-std::optional<std::string> default_cache_dir();
 
 // ---- eval (SPEC §4): embedding-space metrics of an edit ----
 

@@ -36,8 +36,9 @@ OutputFormat parse_format(std::string_view name);
 // Metadata key that holds the report JSON in every output.
 inline constexpr const char* kReportMetadataKey = "speed_erase.report";
 
-// Canonical (diffusers) layer name -> edited weight W' [out, in], float64 or float32, CPU or
-// CUDA. Layers of ckpt.kv that are absent are left unchanged.
+// Canonical (diffusers) layer name -> edited weight W' [out, in], any floating dtype (float64
+// for an exact LoRA; the stored dtype makes the cast a no-op), CPU or CUDA. Layers of ckpt.kv
+// that are absent are left unchanged.
 using EditedWeights = std::map<std::string, at::Tensor>;
 
 struct ExportOptions {

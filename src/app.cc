@@ -1,0 +1,333 @@
+// app: the erase pipeline (options -> checkpoint -> concepts -> embed -> edit -> export -> report).
+#include "speed/app.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "app_internal.h"
+#include "speed/embed.h"
+#include "speed/error.h"
+#include "speed/log.h"
+#include "speed/report.h"
+#include "speed/tensor.h"
+#include "speed/version.h"
+
+namespace fs = std::filesystem;
+
+namespace speed {
+
+using Json = nlohmann::ordered_json;
+
+namespace detail {
+
+Stopwatch::Stopwatch() : start_(std::chrono::steady_clock::now()) {}
+double Stopwatch::seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+void write_text_atomic(const std::string& path, const std::string& text) {
+  fs::path p(path);
+  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+  std::string tmpl = (dir / ("." + p.filename().string() + ".tmp-XXXXXX")).string();
+  int fd = ::mkstemp(tmpl.data());
+  SPEED_CHECK(fd >= 0, "cannot create a temporary file next to '{}': {}", path, std::strerror(errno));
+  std::FILE* f = ::fdopen(fd, "wb");
+  bool ok = f != nullptr && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  ok = f != nullptr && std::fflush(f) == 0 && ok;
+  ok = f != nullptr && ::fsync(fd) == 0 && ok;
+  ok = (f != nullptr ? std::fclose(f) == 0 : ::close(fd) == 0) && ok;
+  std::error_code ec;
+  if (ok) fs::rename(tmpl, p, ec);
+  if (!ok || ec) {
+    fs::remove(tmpl, ec);
+    fail("cannot write '{}': {}", path, std::strerror(errno));
+  }
+}
+
+void check_report_path(const std::string& path, const std::vector<std::string>& taken) {
+  if (path == "-") return;
+  fs::path p(path);
+  std::error_code ec;
+  for (const auto& t : taken) {
+    if (fs::weakly_canonical(p, ec) == fs::weakly_canonical(t, ec)) {
+      throw UsageError(fmt::format("--report '{}' names the model or the output", path),
+                       "choose another report path");
+    }
+  }
+  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+  if (!fs::is_directory(dir, ec)) {
+    fail_hint("create it first, or choose another --report path",
+              "report folder '{}' does not exist", dir.string());
+  }
+  SPEED_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, "report folder '{}' is not writable: {}",
+              dir.string(), std::strerror(errno));
+  SPEED_CHECK(!fs::is_directory(p, ec), "--report '{}' is a folder, expected a file", path);
+}
+
+at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bool all_tokens,
+                      const std::string& stage, const ProgressFn& progress, std::int64_t& done,
+                      std::int64_t total) {
+  // Chunks only for progress: rows do not depend on what they are batched with.
+  constexpr std::size_t kChunk = 256;
+  std::vector<at::Tensor> parts;
+  for (std::size_t i = 0; i < prompts.size(); i += kChunk) {
+    std::vector<std::string> chunk(prompts.begin() + static_cast<std::ptrdiff_t>(i),
+                                   prompts.begin() + static_cast<std::ptrdiff_t>(std::min(prompts.size(), i + kChunk)));
+    parts.push_back(all_tokens ? emb.all_tokens(chunk) : emb.last_subject_rows(chunk));
+    done += static_cast<std::int64_t>(chunk.size());
+    if (progress) progress({stage, done, total});
+  }
+  if (parts.empty()) {
+    return all_tokens ? at::empty({0, kContext, emb.width()}) : at::empty({0, emb.width()});
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+}
+
+}  // namespace detail
+
+using detail::Stopwatch;
+
+std::string resolve_device(const std::string& device) {
+  if (device == "cpu") return "cpu";
+  if (device == "cuda") {
+    if (!at::hasCUDA()) {
+      fail_hint("use --device cpu (or auto), or a CUDA build of LibTorch on a machine with a GPU",
+                "--device cuda was asked for, but LibTorch sees no CUDA GPU");
+    }
+    return "cuda";
+  }
+  if (device == "auto") return at::hasCUDA() ? "cuda" : "cpu";
+  throw UsageError(fmt::format("unknown device '{}'", device), "use --device auto, cpu or cuda");
+}
+
+void apply_preset(const Preset& p, const std::set<std::string>& given, EraseRequest& r) {
+  auto free = [&](const char* name) { return given.count(name) == 0; };
+  // Targets given on the command line replace the preset's targets as a whole.
+  if (free("concepts") && free("concept")) {
+    if (!p.concept_sources.empty()) r.concepts.concept_sources = p.concept_sources;
+    if (!p.concept_texts.empty()) r.concepts.concept_texts = p.concept_texts;
+  }
+  if (free("anchor") && p.anchor) r.concepts.anchors = *p.anchor;
+  if (free("retain") && !p.retain.empty()) r.concepts.retain_sources = p.retain;
+  EraseOptions& e = r.edit;
+  if (free("method") && p.method) e.method = parse_method(*p.method);
+  if (free("params") && p.params) e.params = parse_params(*p.params);
+  auto to_int = [](std::int64_t v, const char* name) {
+    if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
+      throw UsageError(fmt::format("preset value {} of '{}' is out of range", v, name));
+    }
+    return static_cast<int>(v);
+  };
+  if (free("augment") && p.augment) e.augment = to_int(*p.augment, "augment");
+  if (free("iec-clusters") && p.iec_clusters) e.iec_clusters = to_int(*p.iec_clusters, "iec-clusters");
+  if (free("seed") && p.seed) {
+    if (*p.seed < 0) throw UsageError(fmt::format("preset seed {} is negative", *p.seed));
+    e.seed = static_cast<std::uint64_t>(*p.seed);
+  }
+  if (free("threshold") && p.threshold) e.threshold = *p.threshold;
+  if (free("retain-scale") && p.retain_scale) e.retain_scale = *p.retain_scale;
+  if (free("lambda") && p.lambda) e.lambda = *p.lambda;
+  if (free("lamb") && p.lamb) e.uce_lamb = *p.lamb;
+  if (free("erase-scale") && p.erase_scale) e.uce_erase_scale = *p.erase_scale;
+  if (free("preserve-scale") && p.preserve_scale) e.uce_preserve_scale = *p.preserve_scale;
+  if (free("no-filter") && p.no_filter) e.ipf = !*p.no_filter;
+  if (free("no-iec") && p.no_iec) e.no_iec = *p.no_iec;
+  if (free("all-tokens") && p.all_tokens) e.all_tokens = *p.all_tokens;
+  if (free("allow-empty-null-space") && p.allow_empty_null_space) {
+    e.allow_empty_null_space = *p.allow_empty_null_space;
+  }
+  r.preset = p.name;
+}
+
+RunResult run_erase(const EraseRequest& req) {
+  Stopwatch total;
+  RunResult res;
+  Json timings = Json::object();
+  auto stage_done = [&](const std::string& stage, const Stopwatch& sw) {
+    double s = sw.seconds();
+    res.timings.push_back({stage, s});
+    timings[stage] = s;
+    return s;
+  };
+
+  validate_options(req.edit);
+  res.device = resolve_device(req.device);
+  if (req.threads > 0) at::set_num_threads(req.threads);
+
+  // ---- load ----
+  Stopwatch sw;
+  Checkpoint ckpt = open_checkpoint(req.model);
+  ExportOptions out = req.output;
+  out.output = prepare_output(ckpt, out);  // before any work: a bad path fails in a second
+  if (req.report) detail::check_report_path(*req.report, {req.model, out.output});
+  InputFingerprint fp = fingerprint_checkpoint(ckpt);
+  log().info("load: {} {} checkpoint '{}', {} K/V tensors ({:.2f} s)", family_name(ckpt.family),
+             layout_name(ckpt.layout), ckpt.path, ckpt.kv.size(), stage_done("load", sw));
+
+  // ---- concepts ----
+  sw = Stopwatch();
+  ConceptSet set = load_concepts(req.concepts);
+  for (const auto& n : set.notes) log().info("concepts: {}", n);
+  log().info("concepts: {} target(s), {} retain text(s) kept of {} ({} dropped by the target "
+             "filter) ({:.2f} s)",
+             set.targets.size(), set.retain.size(), set.retain_unique, set.dropped.size(),
+             stage_done("concepts", sw));
+
+  // ---- encode ----
+  sw = Stopwatch();
+  EmbedOptions eo;
+  eo.device = res.device;
+  if (!req.no_cache) eo.cache_dir = req.cache_dir ? req.cache_dir : default_cache_dir();
+  Embedder emb(ckpt, req.tokenizer, eo);
+  {
+    auto toks = emb.tokenize(set.targets);
+    for (std::size_t i = 0; i < toks.size(); ++i) {
+      if (toks[i].truncated) {
+        log().warn("concept '{}' is longer than 75 tokens; only its first 75 are used",
+                   set.targets[i]);
+      }
+    }
+  }
+  EmbeddingSets sets;
+  const bool all = req.edit.all_tokens;
+  std::int64_t done = 0;
+  std::int64_t units = static_cast<std::int64_t>(2 * set.targets.size() + set.retain.size() + 1);
+  sets.targets = detail::embed_rows(emb, set.targets, all, "encode", req.progress, done, units);
+  sets.anchors = detail::embed_rows(emb, set.anchors, all, "encode", req.progress, done, units);
+  if (all) {
+    sets.targets = sets.targets.narrow(1, 1, kContext - 1);
+    sets.anchors = sets.anchors.narrow(1, 1, kContext - 1);
+  }
+  if (set.has_retain_source) {
+    sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
+  }
+  sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
+  std::int64_t hits = emb.cache_hits(), misses = emb.cache_misses();
+  log().info("encode: {} prompt(s), cache {} hit(s) / {} miss(es) ({:.2f} s)", units, hits, misses,
+             stage_done("encode", sw));
+
+  // ---- edit ----
+  sw = Stopwatch();
+  EraseOptions eopt = req.edit;
+  eopt.device = res.device;
+  std::vector<LayerInput> inputs;
+  std::vector<const KVLayer*> edited_layers;
+  for (const KVLayer& l : ckpt.kv) {
+    if (!params_edit(eopt.params, l.is_key)) continue;
+    const auto& st = ckpt.files.at(l.file).st;
+    inputs.push_back({l.canonical, tensor_view(st, st->at(l.source))});
+    edited_layers.push_back(&l);
+  }
+  SPEED_CHECK(!inputs.empty(), "'{}' has no attn2 {} layers to edit", ckpt.path,
+              params_name(eopt.params));
+  if (req.progress) req.progress({"edit", 0, static_cast<std::int64_t>(inputs.size())});
+  EditResult edit = edit_layers(sets, inputs, eopt);
+  if (req.progress) {
+    req.progress({"edit", static_cast<std::int64_t>(inputs.size()), static_cast<std::int64_t>(inputs.size())});
+  }
+  EditedWeights weights;
+  const bool lora = out.format == OutputFormat::Lora;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    LayerResult& lr = edit.layers.at(i);
+    // LoRA needs ΔW exactly (float64 W'); the other formats store W' in the tensor's dtype.
+    weights[inputs[i].name] = lora ? inputs[i].weight.to(at::kDouble) + lr.delta.to(at::kCPU)
+                                   : apply_delta(inputs[i].weight, lr.delta.to(at::kCPU));
+    lr.delta = at::Tensor();  // free as we go (SDXL: 140 float64 deltas)
+  }
+  inputs.clear();
+  res.layers_edited = static_cast<int>(edit.layers.size());
+  Json layers = Json::array();
+  double sum_t = 0, sum_r = 0;
+  res.null_dim_min = std::numeric_limits<std::int64_t>::max();
+  for (std::size_t i = 0; i < edit.layers.size(); ++i) {
+    const LayerDiagnostics& d = edit.layers[i].diag;
+    layers.push_back(layer_json(d, edited_layers[i]->source));
+    res.null_dim_min = std::min(res.null_dim_min, d.null_dim);
+    res.null_dim_max = std::max(res.null_dim_max, d.null_dim);
+    res.rel_dw_max = std::max(res.rel_dw_max, d.rel_dw);
+    res.iec_residual_max = std::max(res.iec_residual_max, d.iec_residual);
+    sum_t += d.target_residual_mean;
+    sum_r += d.retain_residual_mean;
+  }
+  res.target_residual_mean = sum_t / static_cast<double>(edit.layers.size());
+  res.retain_residual_mean = sum_r / static_cast<double>(edit.layers.size());
+  log().info("edit: {} layer(s), null space {}..{} dims, max ‖ΔW‖/‖W‖ {:.3g}, max IEC residual "
+             "{:.2g} ({:.2f} s)",
+             res.layers_edited, res.null_dim_min, res.null_dim_max, res.rel_dw_max,
+             res.iec_residual_max, stage_done("edit", sw));
+
+  // ---- report (embedded part) ----
+  Json report;
+  report["tool"] = Json{{"name", "speed-erase"}, {"version", kVersion}};
+  report["input"] = input_json(ckpt, fp);
+  report["input"]["text_encoder_hash"] = emb.weights_hash();
+  if (req.preset) report["preset"] = *req.preset;
+  report["options"] = options_json(eopt);
+  report["concepts"] = concepts_json(set, req.concepts.retain_sources);
+  report["device"] = res.device;
+  report["threads"] = at::get_num_threads();
+  Json ej;
+  ej["retain_rows"] = edit.retain_rows;
+  ej["retain_is_empty_prompt"] = edit.retain_is_empty_prompt;
+  ej["k2_columns"] = edit.k2.defined() ? edit.k2.size(1) : 0;
+  if (!edit.kmeans.sizes.empty()) {
+    ej["kmeans"] = Json{{"sizes", edit.kmeans.sizes}, {"iterations", edit.kmeans.iterations}};
+  }
+  if (!edit.notes.empty()) ej["notes"] = edit.notes;
+  report["edit"] = ej;
+  report["summary"] = Json{{"layers_edited", res.layers_edited},
+                           {"null_dim_min", res.null_dim_min},
+                           {"null_dim_max", res.null_dim_max},
+                           {"rel_dw_max", number_or_null(res.rel_dw_max)},
+                           {"iec_residual_max", number_or_null(res.iec_residual_max)},
+                           {"target_residual_mean", number_or_null(res.target_residual_mean)},
+                           {"retain_residual_mean", number_or_null(res.retain_residual_mean)}};
+  report["layers"] = layers;
+
+  // ---- export ----
+  sw = Stopwatch();
+  out.report_json = embedded_report(report);
+  out.extra_metadata.emplace_back("speed_erase.version", kVersion);
+  res.output = export_edit(ckpt, weights, out);
+  log().info("export: {} output '{}', {:.1f} MB ({:.2f} s)", format_name(out.format),
+             res.output.path, static_cast<double>(res.output.bytes) / 1e6, stage_done("export", sw));
+
+  Json oj;
+  oj["format"] = format_name(out.format);
+  oj["path"] = res.output.path;
+  oj["bytes"] = res.output.bytes;
+  oj["written"] = res.output.written;
+  if (!res.output.copied.empty()) oj["copied"] = res.output.copied.size();
+  if (res.output.ema_edited) oj["ema_edited"] = res.output.ema_edited;
+  if (res.output.ema_dropped) oj["ema_dropped"] = res.output.ema_dropped;
+  if (lora) {
+    Json ranks = Json::array();
+    for (const auto& l : res.output.lora) {
+      ranks.push_back(Json{{"module", l.module}, {"rank", l.rank}, {"rel_error", l.rel_error}});
+    }
+    oj["lora"] = ranks;
+  }
+  report["output"] = oj;
+  report["cache"] = Json{{"enabled", eo.cache_dir.has_value()},
+                         {"dir", eo.cache_dir ? Json(*eo.cache_dir) : Json(nullptr)},
+                         {"hits", hits},
+                         {"misses", misses}};
+  timings["total"] = total.seconds();
+  report["timings"] = timings;
+  res.report = report;
+  res.report_text = report.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+  if (req.report && *req.report != "-") detail::write_text_atomic(*req.report, res.report_text);
+  return res;
+}
+
+}  // namespace speed
