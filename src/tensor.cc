@@ -1,0 +1,130 @@
+// safetensors TensorInfo <-> at::Tensor.
+#include "speed/tensor.h"
+
+#include <cstring>
+
+#include "speed/error.h"
+
+namespace speed {
+
+std::optional<at::ScalarType> try_scalar_type(Dtype d) {
+  switch (d) {
+    case Dtype::BOOL: return at::kBool;
+    case Dtype::U8: return at::kByte;
+    case Dtype::I8: return at::kChar;
+    case Dtype::I16: return at::kShort;
+    case Dtype::F16: return at::kHalf;
+    case Dtype::BF16: return at::kBFloat16;
+    case Dtype::I32: return at::kInt;
+    case Dtype::F32: return at::kFloat;
+    case Dtype::F64: return at::kDouble;
+    case Dtype::I64: return at::kLong;
+    // fp8 and unsigned 16/32/64-bit types need LibTorch >= 2.1 / 2.3; 1.13 has none of them.
+    default: return std::nullopt;
+  }
+}
+
+at::ScalarType to_scalar_type(Dtype d) {
+  auto t = try_scalar_type(d);
+  if (!t) fail("dtype '{}' is not supported by this LibTorch", dtype_name(d));
+  return *t;
+}
+
+Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kBool: return Dtype::BOOL;
+    case at::kByte: return Dtype::U8;
+    case at::kChar: return Dtype::I8;
+    case at::kShort: return Dtype::I16;
+    case at::kHalf: return Dtype::F16;
+    case at::kBFloat16: return Dtype::BF16;
+    case at::kInt: return Dtype::I32;
+    case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
+    case at::kLong: return Dtype::I64;
+    default: fail("torch dtype '{}' has no safetensors equivalent here", t);
+  }
+}
+
+std::string shape_string(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+bool is_aligned(const SafeTensors& st, const TensorInfo& info) {
+  auto addr = reinterpret_cast<std::uintptr_t>(st.data(info));
+  return addr % dtype_size(info.dtype) == 0;
+}
+
+namespace {
+
+// Checks what the reader already guarantees, so a bug there cannot turn into an out-of-bounds view.
+void check_span(const SafeTensors& st, const TensorInfo& info) {
+  const std::uint64_t expected =
+      static_cast<std::uint64_t>(info.numel()) * dtype_size(info.dtype);
+  SPEED_CHECK(info.end >= info.begin && info.nbytes() == expected &&
+                  st.data_start() + info.end <= st.file_size(),
+              "tensor '{}' in '{}' has a byte span of {} bytes, expected {}", info.name,
+              st.path(), info.nbytes(), expected);
+}
+
+at::Tensor view_impl(const SafeTensors& st, const TensorInfo& info,
+                     std::shared_ptr<const SafeTensors> owner) {
+  check_span(st, info);
+  const auto type = to_scalar_type(info.dtype);
+  const auto options = at::TensorOptions().dtype(type).device(at::kCPU);
+  if (info.numel() == 0) return at::empty(info.shape, options);
+  // from_blob needs a mutable pointer; the mapping is read-only and callers must not write.
+  void* ptr = const_cast<std::uint8_t*>(st.data(info));
+  if (is_aligned(st, info)) {
+    if (owner) {
+      return at::from_blob(ptr, info.shape, [keep = std::move(owner)](void*) {}, options);
+    }
+    return at::from_blob(ptr, info.shape, options);
+  }
+  auto out = at::empty(info.shape, options);
+  std::memcpy(out.data_ptr(), ptr, info.nbytes());
+  return out;
+}
+
+}  // namespace
+
+at::Tensor tensor_view(std::shared_ptr<const SafeTensors> st, const TensorInfo& info) {
+  SPEED_CHECK(st != nullptr, "tensor_view of '{}' without a file", info.name);
+  const SafeTensors& ref = *st;
+  return view_impl(ref, info, std::move(st));
+}
+
+at::Tensor tensor_view_unowned(const SafeTensors& st, const TensorInfo& info) {
+  return view_impl(st, info, nullptr);
+}
+
+at::Tensor load_tensor(std::shared_ptr<const SafeTensors> st, const TensorInfo& info,
+                       at::ScalarType dtype) {
+  SPEED_CHECK(st != nullptr, "load_tensor of '{}' without a file", info.name);
+  const auto stored = to_scalar_type(info.dtype);
+  if (stored == dtype) return tensor_view(std::move(st), info);
+  SPEED_CHECK(at::isFloatingType(stored) || !at::isFloatingType(dtype),
+              "tensor '{}' in '{}' has dtype {}, expected a floating-point dtype", info.name,
+              st->path(), dtype_name(info.dtype));
+  // The unowned view lives only for the conversion, which reads the mapping directly.
+  return tensor_view_unowned(*st, info).to(dtype);
+}
+
+TensorBytes tensor_bytes(std::string name, const at::Tensor& t) {
+  SPEED_CHECK(t.defined(), "tensor '{}' is undefined", name);
+  TensorBytes out;
+  out.holder = t.device().is_cpu() ? t.contiguous() : t.to(at::kCPU).contiguous();
+  out.data.name = std::move(name);
+  out.data.dtype = to_dtype(out.holder.scalar_type());
+  out.data.shape.assign(out.holder.sizes().begin(), out.holder.sizes().end());
+  out.data.data = out.holder.data_ptr();
+  out.data.nbytes = out.holder.numel() * out.holder.element_size();
+  return out;
+}
+
+}  // namespace speed

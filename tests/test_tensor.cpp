@@ -1,0 +1,136 @@
+// tensor module: safetensors <-> at::Tensor views, widening, bytes for writing, XXH64, fmt.
+#include <ATen/ATen.h>
+
+#include <catch2/catch.hpp>
+
+#include <cstring>
+
+#include "speed/error.h"
+#include "speed/tensor.h"
+
+using namespace speed;
+
+namespace {
+
+std::string u64le(std::uint64_t v) {
+  std::string s(8, '\0');
+  std::memcpy(s.data(), &v, 8);
+  return s;
+}
+
+// A file from a literal header (no padding: lets a test misalign the data) and data bytes.
+std::shared_ptr<const SafeTensors> raw_file(const std::string& header, const std::string& data) {
+  return std::make_shared<const SafeTensors>(
+      SafeTensors::from_memory(u64le(header.size()) + header + data, "raw"));
+}
+
+std::string bytes_of(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
+}
+
+}  // namespace
+
+TEST_CASE("dtype mapping round-trips and refuses what this LibTorch lacks", "[unit]") {
+  for (Dtype d : {Dtype::BOOL, Dtype::U8, Dtype::I8, Dtype::I16, Dtype::F16, Dtype::BF16,
+                  Dtype::I32, Dtype::F32, Dtype::F64, Dtype::I64}) {
+    CHECK(to_dtype(to_scalar_type(d)) == d);
+    CHECK(at::elementSize(to_scalar_type(d)) == dtype_size(d));
+  }
+  CHECK_FALSE(try_scalar_type(Dtype::F8_E4M3).has_value());
+  CHECK_THROWS_WITH(to_scalar_type(Dtype::U32), Catch::Contains("'U32' is not supported"));
+  CHECK_THROWS_AS(to_dtype(at::kComplexFloat), Error);
+}
+
+TEST_CASE("aligned views are zero-copy, unaligned ones are copied", "[unit]") {
+  at::Tensor w = at::arange(6, at::kFloat).view({2, 3});
+  at::Tensor h = at::tensor({1.5, -2.25, 65504.0, 6.1035156e-05}, at::kFloat).to(at::kHalf);
+  const auto wb = tensor_bytes("w", w), hb = tensor_bytes("h", h);
+  const std::string header = make_header({wb.data, hb.data}, {});
+  const std::string file = u64le(header.size()) + header + bytes_of(w) + bytes_of(h);
+  auto st = std::make_shared<const SafeTensors>(SafeTensors::from_memory(file, "mem"));
+  const TensorInfo& wi = st->at("w");
+  REQUIRE(is_aligned(*st, wi));
+  at::Tensor v = tensor_view(st, wi);
+  CHECK(v.data_ptr() == static_cast<const void*>(st->data(wi)));
+  CHECK(v.sizes() == w.sizes());
+  CHECK(at::equal(v, w));
+
+  // The view keeps the file alive after the last other owner goes.
+  std::weak_ptr<const SafeTensors> weak = st;
+  st.reset();
+  CHECK_FALSE(weak.expired());
+  CHECK(at::equal(v, w));
+  v = at::Tensor();
+  CHECK(weak.expired());
+
+  // U8 [1] first puts the F32 data at an odd address: copied, same values.
+  const std::string hdr =
+      R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},)"
+      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  at::Tensor b2 = at::tensor({3.5f, -1.0f});
+  auto raw = raw_file(hdr, std::string(1, '\x07') + bytes_of(b2));
+  const TensorInfo& bi = raw->at("b");
+  CHECK_FALSE(is_aligned(*raw, bi));
+  at::Tensor bv = tensor_view(raw, bi);
+  CHECK(bv.data_ptr() != static_cast<const void*>(raw->data(bi)));
+  CHECK(at::equal(bv, b2));
+  CHECK(tensor_view(raw, raw->at("a")).item<std::uint8_t>() == 7);
+}
+
+TEST_CASE("widening F16/BF16 is exact and reads the mapping directly", "[unit]") {
+  at::Tensor src = at::tensor({1.5, -2.25, 65504.0, 6.103515625e-05, 0.0009765625}, at::kDouble);
+  at::Tensor h = src.to(at::kHalf), bf = src.to(at::kBFloat16);
+  at::Tensor i = at::tensor({1, 2}, at::kLong);
+  const auto hb = tensor_bytes("h", h), bb = tensor_bytes("bf", bf), ib = tensor_bytes("i", i);
+  const std::string header = make_header({hb.data, bb.data, ib.data}, {});
+  auto st = std::make_shared<const SafeTensors>(SafeTensors::from_memory(
+      u64le(header.size()) + header + bytes_of(h) + bytes_of(bf) + bytes_of(i), "mem"));
+  at::Tensor h32 = load_tensor(st, st->at("h"), at::kFloat);
+  CHECK(h32.scalar_type() == at::kFloat);
+  CHECK(at::equal(h32, h.to(at::kFloat)));
+  CHECK(at::equal(load_tensor(st, st->at("h"), at::kDouble), src));  // all exactly representable
+  at::Tensor b64 = load_tensor(st, st->at("bf"), at::kDouble);
+  CHECK(at::equal(b64, bf.to(at::kDouble)));
+  // Same dtype: the zero-copy view itself.
+  at::Tensor same = load_tensor(st, st->at("h"), at::kHalf);
+  CHECK(same.data_ptr() == static_cast<const void*>(st->data(st->at("h"))));
+  CHECK_THROWS_WITH(load_tensor(st, st->at("i"), at::kFloat),
+                    Catch::Contains("tensor 'i'") && Catch::Contains("expected a floating-point"));
+}
+
+TEST_CASE("tensor_bytes gives contiguous CPU bytes for the writer", "[unit]") {
+  at::Tensor t = at::arange(12, at::kFloat).view({3, 4}).t();  // non-contiguous
+  auto b = tensor_bytes("x", t);
+  CHECK(b.data.name == "x");
+  CHECK(b.data.dtype == Dtype::F32);
+  CHECK(b.data.shape == std::vector<std::int64_t>{4, 3});
+  CHECK(b.data.nbytes == 48);
+  const float* f = static_cast<const float*>(b.data.data);
+  CHECK(f[0] == 0.0f);
+  CHECK(f[1] == 4.0f);  // row-major order of the transposed view
+  auto s = tensor_bytes("s", at::scalar_tensor(2.0, at::kDouble));
+  CHECK(s.data.shape.empty());
+  CHECK(s.data.nbytes == 8);
+}
+
+TEST_CASE("hash64 is XXH64", "[unit]") {
+  // Published XXH64 test vectors (seed 0); the pangram exercises the 32-byte main loop.
+  CHECK(hash64("", 0) == 0xEF46DB3751D8E999ULL);
+  CHECK(hash64("a", 1) == 0xD24EC4F1A98C6E5BULL);
+  CHECK(hash64("abc", 3) == 0x44BC2CF5AD770999ULL);
+  CHECK(hash64("Hello, World!", 13) == 0xC49AACF8080FE47FULL);
+  const char* fox = "The quick brown fox jumps over the lazy dog";
+  CHECK(hash64(fox, std::strlen(fox)) == 0x0B242D361FDA71BCULL);
+  CHECK(hash64("abc", 3, 1) != hash64("abc", 3, 0));
+  CHECK(hash_combine(1, 2) != hash_combine(2, 1));
+  CHECK(hex64(0xABCULL) == "0000000000000abc");
+}
+
+TEST_CASE("fmt formats torch types", "[unit]") {
+  at::Tensor t = at::zeros({768, 512});
+  CHECK(fmt::format("{}", t.sizes()) == "[768, 512]");
+  CHECK(fmt::format("{}", at::kFloat) == "Float");
+  CHECK(fmt::format("{}", at::ones({1})).find('1') != std::string::npos);
+  CHECK(shape_string({}) == "[]");
+}
