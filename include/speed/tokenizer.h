@@ -53,9 +53,10 @@ class ClipTokenizer {
   // The ftfy-like normalisation + whitespace collapse + lowercase of SPEC §2 (exposed for tests).
   static std::string normalize(std::string_view text);
 
- private:
-  struct Impl;
+  struct Impl;  // opaque (src/tokenizer_internal.h)
   explicit ClipTokenizer(std::unique_ptr<Impl> impl);
+
+ private:
   std::unique_ptr<Impl> impl_;
 };
 
