@@ -50,10 +50,22 @@ class TextEncoder {
   at::Device device() const;
   int layers_run() const;  // transformer blocks applied before the output
 
-  // ids: [B, T] integer (any device), 1 <= T <= positions, values < vocab.
+  // Keys and values, per layer, of a prefix shared by many prompts (every prompt starts with
+  // SOT): computed once, then forward() continues after it. Rows after the prefix attend to it
+  // exactly as in a full forward, so the result is the same up to float rounding.
+  struct Prefix {
+    std::int64_t length = 0;
+    std::vector<at::Tensor> keys, values;  // per layer [1, heads, length, head_dim]
+    at::Tensor states;                     // [1, length, width]: the prefix's own output rows
+  };
+  // ids: [T] or [1, T] integer ids of the prefix.
+  Prefix encode_prefix(const at::Tensor& ids) const;
+
+  // ids: [B, T] integer (any device), 1 <= T <= positions (- prefix length), values < vocab.
   // Returns [B, T, width] in the compute dtype on the encoder's device: the output of the
-  // configured layer (+ final LN when enabled), position ids 0..T-1, causal mask, no padding mask.
-  at::Tensor forward(const at::Tensor& ids) const;
+  // configured layer (+ final LN when enabled), causal mask, no padding mask, position ids
+  // 0..T-1 (or P..P+T-1 after a prefix of length P).
+  at::Tensor forward(const at::Tensor& ids, const Prefix* prefix = nullptr) const;
 
   // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor).
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
@@ -63,8 +75,9 @@ class TextEncoder {
   // activation, heads, pad id). Computed on first call (~246 MB for CLIP-L), then cached.
   std::uint64_t weights_hash() const;
 
+  struct Impl;  // internal (src/clip_internal.h)
+
  private:
-  struct Impl;
   explicit TextEncoder(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -1,0 +1,174 @@
+// The CLIP text transformer forward pass and the weights hash.
+//
+// Pre-LN blocks: x += out_proj(attn(LN1(x))); x += fc2(act(fc1(LN2(x)))). Shapes below use
+// B = batch, T = new tokens, P = prefix tokens, S = P + T, H = heads, D = head dim, W = H * D.
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <limits>
+
+#include "clip_internal.h"
+#include "speed/error.h"
+#include "speed/tensor.h"
+
+namespace speed {
+
+using namespace clip_detail;
+
+TextEncoder::TextEncoder(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TextEncoder::~TextEncoder() = default;
+
+const TextEncoderInfo& TextEncoder::info() const { return impl_->info; }
+at::ScalarType TextEncoder::dtype() const { return impl_->dtype; }
+at::Device TextEncoder::device() const { return impl_->device; }
+int TextEncoder::layers_run() const { return impl_->layers_run; }
+
+std::vector<std::pair<std::string, at::Tensor>> TextEncoder::named_parameters() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : impl_->model->named_parameters(/*recurse=*/true)) {
+    out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+namespace {
+
+// ids [B, T] -> validated int64 on `device`.
+at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::int64_t offset,
+                     at::Device device) {
+  SPEED_CHECK(ids.defined() && ids.dim() == 2, "token ids must be a [batch, tokens] tensor, got {}",
+              ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
+  SPEED_CHECK(!at::isFloatingType(ids.scalar_type()) && ids.scalar_type() != at::kBool,
+              "token ids must be integers, got dtype {}", ids.scalar_type());
+  const std::int64_t T = ids.size(1);
+  SPEED_CHECK(T >= 1 && offset + T <= info.positions,
+              "{} token ids after a prefix of {} exceed the encoder's {} positions", T, offset,
+              info.positions);
+  at::Tensor out = ids.to(device, at::kLong).contiguous();
+  if (out.numel() > 0) {
+    const auto lo = out.min().item<std::int64_t>(), hi = out.max().item<std::int64_t>();
+    SPEED_CHECK(lo >= 0 && hi < info.vocab, "token id {} is outside the vocabulary of {} ids",
+                lo < 0 ? lo : hi, info.vocab);
+  }
+  return out;
+}
+
+// The forward pass; when `capture` is set, records each layer's keys and values.
+at::Tensor run(const TextEncoder::Impl& impl, const at::Tensor& ids_in,
+               const TextEncoder::Prefix* prefix, TextEncoder::Prefix* capture) {
+  c10::InferenceMode guard;
+  const ClipText& m = *impl.model;
+  const std::int64_t P = prefix ? prefix->length : 0;
+  const at::Tensor ids = check_ids(ids_in, impl.info, P, impl.device);
+  const std::int64_t B = ids.size(0), T = ids.size(1), W = impl.info.width, H = impl.heads,
+                     D = W / H, S = P + T;
+  const auto opts = at::TensorOptions().dtype(impl.dtype).device(impl.device);
+  if (B == 0) return at::empty({0, T, W}, opts);
+
+  // Gather from the stored-dtype table, then widen only the rows used.
+  at::Tensor x = m.embeddings->token_embedding->weight.index_select(0, ids.view({-1}))
+                     .to(impl.dtype)
+                     .view({B, T, W});
+  x.add_(m.embeddings->position_embedding->weight.narrow(0, P, T));
+
+  // Causal mask over [T, S]: new token i sees prefix tokens and new tokens 0..i.
+  const at::Tensor mask =
+      at::full({T, S}, -std::numeric_limits<double>::infinity(), opts).triu(P + 1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const bool quick = impl.info.activation == Activation::QuickGELU;
+
+  for (int l = 0; l < impl.layers_run; ++l) {
+    const Block& blk = *m.encoder->layers->blocks[l];
+    const Attention& a = *blk.self_attn;
+    at::Tensor h = at::layer_norm(x, {W}, blk.layer_norm1->weight, blk.layer_norm1->bias, 1e-5);
+    at::Tensor qkv = at::linear(h, a.in_w, a.in_b).view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4});
+    at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // [B, H, T, D]
+    if (capture) {
+      capture->keys.push_back(k.contiguous());
+      capture->values.push_back(v.contiguous());
+    }
+    if (prefix) {
+      k = at::cat({prefix->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
+      v = at::cat({prefix->values[l].expand({B, H, P, D}), v}, 2);
+    }
+    at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(mask);  // [B, H, T, S]
+    at::Tensor o = at::matmul(at::softmax(scores, -1), v);                         // [B, H, T, D]
+    x.add_(at::linear(o.permute({0, 2, 1, 3}).reshape({B, T, W}), a.out_proj->weight,
+                      a.out_proj->bias));
+    h = at::layer_norm(x, {W}, blk.layer_norm2->weight, blk.layer_norm2->bias, 1e-5);
+    h = at::linear(h, blk.mlp->fc1->weight, blk.mlp->fc1->bias);
+    h = quick ? h.mul_(at::sigmoid(h * 1.702)) : at::gelu(h);
+    x.add_(at::linear(h, blk.mlp->fc2->weight, blk.mlp->fc2->bias));
+  }
+  if (m.final_layer_norm) {
+    x = at::layer_norm(x, {W}, m.final_layer_norm->weight, m.final_layer_norm->bias, 1e-5);
+  }
+  return x;
+}
+
+}  // namespace
+
+TextEncoder::Prefix TextEncoder::encode_prefix(const at::Tensor& ids) const {
+  SPEED_CHECK(ids.defined() && (ids.dim() == 1 || (ids.dim() == 2 && ids.size(0) == 1)),
+              "prefix ids must be [tokens] or [1, tokens], got {}",
+              ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
+  Prefix p;
+  const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(0) : ids;
+  p.states = run(*impl_, ids2, nullptr, &p);
+  p.length = ids2.size(1);
+  return p;
+}
+
+at::Tensor TextEncoder::forward(const at::Tensor& ids, const Prefix* prefix) const {
+  if (prefix) {
+    SPEED_CHECK(prefix->keys.size() == static_cast<std::size_t>(impl_->layers_run) &&
+                    prefix->values.size() == prefix->keys.size(),
+                "prefix has {} layers, the encoder runs {}", prefix->keys.size(),
+                impl_->layers_run);
+  }
+  return run(*impl_, ids, prefix, nullptr);
+}
+
+std::uint64_t TextEncoder::weights_hash() const {
+  if (impl_->hashed) return impl_->hash;
+  // Fixed-size chunks hashed in parallel; the result does not depend on the thread count.
+  constexpr std::size_t kChunk = std::size_t{4} << 20;
+  struct Chunk {
+    const std::uint8_t* p;
+    std::size_t n;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<std::size_t> first(impl_->hash_items.size() + 1, 0);
+  for (std::size_t i = 0; i < impl_->hash_items.size(); ++i) {
+    const HashItem& it = impl_->hash_items[i];
+    first[i] = chunks.size();
+    for (std::size_t off = 0; off < it.nbytes; off += kChunk) {
+      chunks.push_back({it.bytes + off, std::min(kChunk, it.nbytes - off)});
+    }
+  }
+  first.back() = chunks.size();
+  std::vector<std::uint64_t> digests(chunks.size());
+  at::parallel_for(0, static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t c = b; c < e; ++c) digests[c] = hash64(chunks[c].p, chunks[c].n);
+  });
+
+  const TextEncoderInfo& in = impl_->info;
+  const std::string config = fmt::format(
+      "speed-clip-v1 layers_run={} final_ln={} act={} heads={} width={} pad={} naming={}",
+      impl_->layers_run, in.final_layer_norm, static_cast<int>(in.activation), in.heads, in.width,
+      in.pad_id, static_cast<int>(in.naming));
+  std::uint64_t h = hash64(config.data(), config.size());
+  for (std::size_t i = 0; i < impl_->hash_items.size(); ++i) {
+    const HashItem& it = impl_->hash_items[i];
+    h = hash_combine(h, hash64(it.name.data(), it.name.size()));
+    h = hash_combine(h, static_cast<std::uint64_t>(it.dtype));
+    for (auto d : it.shape) h = hash_combine(h, static_cast<std::uint64_t>(d));
+    for (std::size_t c = first[i]; c < first[i + 1]; ++c) h = hash_combine(h, digests[c]);
+  }
+  impl_->hash = h;
+  impl_->hashed = true;
+  return h;
+}
+
+}  // namespace speed
