@@ -79,6 +79,7 @@ struct EvalRequest {
   std::optional<std::string> lora;       // --lora: a kohya LoRA (ours or any kohya file)
   ConceptInputs concepts;                // --concepts FILE, --anchor
   std::vector<std::string> prompts;      // --prompts FILE[:COLUMN]...
+  int max_prompts = 0;                   // --max-prompts: first N of each prompt set (0: all)
   std::optional<std::string> tokenizer;
   std::string device = "auto";
   std::optional<std::string> cache_dir;
