@@ -203,6 +203,8 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
                   (!o.all_tokens || sets.targets.size(1) == 76),
               "targets have shape {}, expected {}", sets.targets.sizes(),
               o.all_tokens ? fmt::format("[N, 76, {}] (all-tokens mode)", d) : fmt::format("[N, {}]", d));
+  SPEED_CHECK(sets.anchors.sizes() == sets.targets.sizes(),
+              "anchors have shape {}, expected {} (as the targets)", sets.anchors.sizes(), sets.targets.sizes());
   p.targets = sets.targets.to(p.device, at::kDouble);
   p.anchors = sets.anchors.to(p.device, at::kDouble);
   if (!o.all_tokens) {  // uniform [N, 1, d] so that the diagnostics treat both modes alike
@@ -210,12 +212,12 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
     p.anchors = p.anchors.unsqueeze(1);
   }
   check_finite(p.targets, "target embeddings");
+  check_finite(p.anchors, "anchor embeddings");
   const at::Tensor empty = sets.empty.to(p.device, at::kDouble);
   check_finite(empty, "empty-prompt states");
   TargetCovariances cov = target_covariances(p.targets, p.anchors);
   p.ctt = cov.ctt;
   p.cat = cov.cat;
-  check_finite(p.anchors, "anchor embeddings");
 
   if (sets.retain.defined() && sets.retain.numel() > 0) {
     SPEED_CHECK(sets.retain.dim() == 2 && sets.retain.size(1) == d, "retain rows have shape {}, expected [n, {}]",

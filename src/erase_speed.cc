@@ -231,7 +231,9 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       if (o.ipf) {
         const at::Tensor norms = ER.norm(2, {1});
         w.kept = (norms > norms.mean()).nonzero().squeeze(1);
-        ER = ER.index_select(0, w.kept);
+        // All influences equal (e.g. E = 0 when every target is its anchor): nothing to rank by.
+        if (w.kept.numel() == 0) w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
+        else ER = ER.index_select(0, w.kept);
       } else {
         w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
       }
