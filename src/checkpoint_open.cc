@@ -194,7 +194,8 @@ std::optional<WeightChoice> choose_weights(const std::string& dir, const std::st
     } else {
       continue;
     }
-    if (variant.find_first_of("./") != std::string::npos) continue;  // shard files, not variants
+    // Shards ("<stem>.fp16-00001-of-00002.safetensors") are reached through their index.
+    if (variant.find_first_of("./") != std::string::npos || variant.find("-of-") != std::string::npos) continue;
     if (!is_file(dir + "/" + name)) continue;
     auto& c = found[variant];
     c.variant = variant;

@@ -3,7 +3,8 @@
 // Every layout speed-erase reads can be generated: single files (SD1/SD2/SDXL LDM names with
 // the family's text-encoder prefixes and naming, optional EMA twins, the old SD1 text names),
 // bare UNet files (LDM or diffusers names) and diffusers folders (optional fp16 variant and
-// sharded UNet). Tiny geometry by default (channels 32/64/128, narrow text encoders); `full_size`
+// sharded UNet). Tiny geometry by default (channels 32/64/128, SDXL 16/32/64 with its real 70
+// cross-attention layers, 64-wide text encoders of 2-3 layers); `full_size`
 // uses the real SD shapes (e.g. SD 1.4: C = 320/640/1280, CLIP-L 768 x 12) for benchmarks.
 // The same options and seed always give the same bytes.
 #pragma once
@@ -35,15 +36,19 @@ struct SynthOptions {
   int shards = 1;                // diffusers: > 1 writes a sharded UNet with an index
   bool proj_in = true;           // include proj_in weights (the SD1 conv vs SD2 linear clue)
   bool config_json = true;       // diffusers: write text_encoder*/config.json
+  std::int64_t vocab = 49408;    // token embedding rows (tests of layouts may shrink it)
+  std::string tokenizer_source;  // diffusers: copy vocab.json + merges.txt from this folder into
+                                 // tokenizer/ (and tokenizer_2/); empty = no tokenizer folders
 };
 
 // Geometry used for a family (tiny unless full_size).
 struct SynthGeometry {
-  std::int64_t base_channels;   // 32 tiny / 320 full
-  std::int64_t te_width[2];     // text encoder widths (second only for SDXL)
-  std::int64_t te_layers[2];
-  std::int64_t vocab;
-  std::int64_t context_dim;     // = te_width[0] (+ te_width[1] for SDXL)
+  std::int64_t base_channels = 0;  // 32 tiny / 320 full
+  std::int64_t te_width[2] = {0, 0};   // text encoder widths (second only for SDXL)
+  std::int64_t te_layers[2] = {0, 0};
+  std::int64_t vocab = 0;
+  std::int64_t context_dim = 0;    // = te_width[0] (+ te_width[1] for SDXL)
+  int text_encoders = 1;
 };
 SynthGeometry synth_geometry(const SynthOptions& options);
 
