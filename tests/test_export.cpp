@@ -47,8 +47,10 @@ std::string slurp(const fs::path& p) {
 fs::path copy_fixture(const fs::path& from, const fs::path& dir) {
   fs::path to = dir / from.filename();
   fs::copy(from, to, fs::copy_options::recursive);
-  for (auto& e : fs::recursive_directory_iterator(to)) {
-    fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
+  if (fs::is_directory(to)) {
+    for (auto& e : fs::recursive_directory_iterator(to)) {
+      fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
+    }
   }
   fs::permissions(to, fs::perms::owner_write, fs::perm_options::add);
   return to;
