@@ -1,0 +1,202 @@
+// Prompts -> text-encoder rows (SPEC §1.1): de-duplication, the cache, batching by length, and
+// the shared SOT prefix.
+//
+// Last-subject mode: row j = n - 2 depends only on ids 0..j (causal attention, no padding mask),
+// so prompts are grouped by j + 1 and each group runs as dense [b, j] batches after the SOT
+// token, whose keys/values are computed once per call: no padding, no batching artefacts.
+#include "speed/embed.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+
+#include "embed_cache.h"
+#include "speed/clip.h"
+#include "speed/error.h"
+#include "speed/log.h"
+#include "speed/tensor.h"
+
+namespace speed {
+
+using embed_detail::CacheKey;
+using embed_detail::EmbedCache;
+
+std::optional<std::string> default_cache_dir() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  if (xdg && xdg[0] == '/') return (std::filesystem::path(xdg) / "speed-erase").string();
+  const char* home = std::getenv("HOME");
+  if (home && home[0] != '\0') return (std::filesystem::path(home) / ".cache" / "speed-erase").string();
+  return std::nullopt;
+}
+
+struct Embedder::Impl {
+  std::vector<std::unique_ptr<TextEncoder>> encoders;
+  std::unique_ptr<ClipTokenizer> tokenizer;
+  EmbedOptions options;
+  std::int64_t width = 0;
+  std::string hash;
+  std::unique_ptr<EmbedCache> cache;
+  std::int64_t hits = 0, misses = 0;
+
+  enum Mode : std::uint32_t { LastSubject = 0, AllTokens = 1 };
+  at::Tensor embed(const std::vector<TokenizedPrompt>& tokens, Mode mode);
+  // [b, rows, width] for one batch of misses.
+  at::Tensor run_batch(const std::vector<const TokenizedPrompt*>& batch, Mode mode, std::int64_t L,
+                       std::vector<std::optional<TextEncoder::Prefix>>& sot);
+};
+
+Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tokenizer_path,
+                   EmbedOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  SPEED_CHECK(!ckpt.text_encoders.empty(), "'{}' has no text encoder", ckpt.path);
+  SPEED_CHECK(options.max_batch_tokens >= 1, "the batch cap must be at least 1 token, got {}",
+              options.max_batch_tokens);
+  impl_->options = options;
+  for (std::size_t i = 0; i < ckpt.text_encoders.size(); ++i) {
+    impl_->encoders.push_back(TextEncoder::load(ckpt, i, {options.dtype, options.device}));
+    impl_->width += ckpt.text_encoders[i].width;
+  }
+  std::optional<std::string> model_tok = ckpt.text_encoders[0].tokenizer_dir
+                                             ? ckpt.text_encoders[0].tokenizer_dir
+                                             : ckpt.tokenizer_dir;
+  impl_->tokenizer =
+      std::make_unique<ClipTokenizer>(ClipTokenizer::load(find_tokenizer(tokenizer_path, model_tok)));
+  if (options.cache_dir) impl_->cache = std::make_unique<EmbedCache>(*options.cache_dir, weights_hash());
+}
+
+Embedder::~Embedder() = default;
+
+std::int64_t Embedder::width() const { return impl_->width; }
+int Embedder::pad_id() const { return impl_->encoders[0]->info().pad_id; }
+const ClipTokenizer& Embedder::tokenizer() const { return *impl_->tokenizer; }
+std::int64_t Embedder::cache_hits() const { return impl_->hits; }
+std::int64_t Embedder::cache_misses() const { return impl_->misses; }
+
+const std::string& Embedder::weights_hash() const {
+  if (impl_->hash.empty()) {
+    std::uint64_t h = 0;
+    for (const auto& e : impl_->encoders) h = hash_combine(h, e->weights_hash());
+    impl_->hash = hex64(h);
+  }
+  return impl_->hash;
+}
+
+std::vector<TokenizedPrompt> Embedder::tokenize(const std::vector<std::string>& prompts) const {
+  std::vector<TokenizedPrompt> out;
+  out.reserve(prompts.size());
+  for (const auto& p : prompts) out.push_back(impl_->tokenizer->tokenize(p, pad_id()));
+  return out;
+}
+
+at::Tensor Embedder::last_subject_rows(const std::vector<std::string>& prompts) {
+  return last_subject_rows(tokenize(prompts));
+}
+at::Tensor Embedder::all_tokens(const std::vector<std::string>& prompts) {
+  return all_tokens(tokenize(prompts));
+}
+at::Tensor Embedder::last_subject_rows(const std::vector<TokenizedPrompt>& tokens) {
+  return impl_->embed(tokens, Impl::LastSubject).squeeze(1);
+}
+at::Tensor Embedder::all_tokens(const std::vector<TokenizedPrompt>& tokens) {
+  return impl_->embed(tokens, Impl::AllTokens);
+}
+
+at::Tensor Embedder::Impl::run_batch(const std::vector<const TokenizedPrompt*>& batch, Mode mode,
+                                     std::int64_t L,
+                                     std::vector<std::optional<TextEncoder::Prefix>>& sot) {
+  const auto b = static_cast<std::int64_t>(batch.size());
+  std::vector<at::Tensor> parts;
+  for (std::size_t e = 0; e < encoders.size(); ++e) {
+    const TextEncoder& enc = *encoders[e];
+    const int pad = enc.info().pad_id;
+    at::Tensor ids = at::empty({b, L}, at::kLong);
+    auto acc = ids.accessor<std::int64_t, 2>();
+    for (std::int64_t i = 0; i < b; ++i) {
+      const TokenizedPrompt& t = *batch[i];
+      // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
+      for (std::int64_t j = 0; j < L; ++j) acc[i][j] = j < t.n ? t.ids[j] : pad;
+    }
+    if (mode == AllTokens) {
+      parts.push_back(enc.forward(ids));
+      continue;
+    }
+    // Every prompt starts with SOT: its keys/values are shared by the whole call.
+    if (!sot[e]) sot[e] = enc.encode_prefix(ids[0].narrow(0, 0, 1));
+    if (L == 1) {
+      parts.push_back(sot[e]->states.expand({b, 1, enc.info().width}));
+    } else {
+      parts.push_back(enc.forward(ids.narrow(1, 1, L - 1), &*sot[e]).narrow(1, L - 2, 1));
+    }
+  }
+  at::Tensor out = parts.size() == 1 ? parts[0] : at::cat(parts, -1);
+  return out.to(at::kCPU, options.dtype).contiguous();
+}
+
+at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mode mode) {
+  const std::int64_t rows = mode == AllTokens ? kContext : 1;
+  const auto N = static_cast<std::int64_t>(tokens.size());
+  at::Tensor out = at::empty({N, rows, width}, at::TensorOptions().dtype(options.dtype));
+  if (N == 0) return out;
+
+  // Unique id sequences (the rows depend on nothing else), then cache look-ups.
+  std::map<std::vector<std::int32_t>, std::int64_t> index;
+  std::vector<std::int64_t> slot(N);
+  std::vector<CacheKey> keys;
+  std::vector<const TokenizedPrompt*> unique;
+  for (std::int64_t i = 0; i < N; ++i) {
+    const TokenizedPrompt& t = tokens[i];
+    SPEED_CHECK(t.n >= 1 && t.n <= kContext, "tokenized prompt {} has {} ids, expected 1..{}", i,
+                t.n, kContext);
+    const std::int64_t len = mode == AllTokens ? kContext : t.last_subject() + 1;
+    std::vector<std::int32_t> ids(t.ids.begin(), t.ids.begin() + len);
+    auto [it, fresh] = index.emplace(std::move(ids), static_cast<std::int64_t>(unique.size()));
+    if (fresh) {
+      CacheKey k;
+      k.mode = mode;
+      k.elem_size = static_cast<std::uint32_t>(at::elementSize(options.dtype));
+      k.ids = it->first;
+      k.rows = static_cast<std::uint32_t>(rows);
+      k.width = static_cast<std::uint64_t>(width);
+      keys.push_back(std::move(k));
+      unique.push_back(&t);
+    }
+    slot[i] = it->second;
+  }
+  const auto U = static_cast<std::int64_t>(unique.size());
+  at::Tensor res = at::empty({U, rows, width}, at::TensorOptions().dtype(options.dtype));
+  std::map<std::int64_t, std::vector<std::int64_t>> by_length;  // misses grouped by ids used
+  for (std::int64_t u = 0; u < U; ++u) {
+    if (cache && cache->get(keys[u], res[u].data_ptr())) {
+      ++hits;
+      continue;
+    }
+    if (cache) ++misses;
+    by_length[static_cast<std::int64_t>(keys[u].ids.size())].push_back(u);
+  }
+
+  std::vector<std::optional<TextEncoder::Prefix>> sot(encoders.size());
+  for (const auto& [L, members] : by_length) {
+    const std::int64_t per = std::max<std::int64_t>(1, options.max_batch_tokens / L);
+    for (std::size_t s = 0; s < members.size(); s += per) {
+      const std::size_t e = std::min(members.size(), s + static_cast<std::size_t>(per));
+      std::vector<const TokenizedPrompt*> batch;
+      for (std::size_t m = s; m < e; ++m) batch.push_back(unique[members[m]]);
+      at::Tensor r = run_batch(batch, mode, L, sot);
+      for (std::size_t m = s; m < e; ++m) {
+        const std::int64_t u = members[m];
+        res[u].copy_(r[static_cast<std::int64_t>(m - s)]);
+        if (cache) cache->put(keys[u], res[u].data_ptr());
+      }
+    }
+  }
+  log().debug("embedded {} prompts ({} unique, {} from cache) in {} length groups", N, U,
+              cache ? hits : 0, by_length.size());
+  if (U == N) {
+    bool identity = true;
+    for (std::int64_t i = 0; i < N && identity; ++i) identity = slot[i] == i;
+    if (identity) return res;
+  }
+  return res.index_select(0, at::tensor(slot, at::kLong));
+}
+
+}  // namespace speed
