@@ -160,19 +160,20 @@ void add_unet(Builder& b, const std::string& prefix, bool diffusers) {
   const LevelPlan p = plan(b.o.family);
   const std::int64_t c0 = g.base_channels, temb = 4 * c0, ctx = g.context_dim;
   const bool linear = b.o.family != Family::SD1;
+  const std::int64_t k = b.o.full_size ? 3 : 1;  // tiny files use 1x1 resnet convs (size)
   auto put = [&](const std::string& ldm, const std::string& dif, std::vector<std::int64_t> shape) {
     b.add(prefix + (diffusers ? dif : ldm), std::move(shape), "unet." + dif);
   };
   auto res = [&](const std::string& l, const std::string& d, std::int64_t cin, std::int64_t c) {
     put(l + ".in_layers.0.weight", d + ".norm1.weight", {cin});
     put(l + ".in_layers.0.bias", d + ".norm1.bias", {cin});
-    put(l + ".in_layers.2.weight", d + ".conv1.weight", {c, cin, 3, 3});
+    put(l + ".in_layers.2.weight", d + ".conv1.weight", {c, cin, k, k});
     put(l + ".in_layers.2.bias", d + ".conv1.bias", {c});
     put(l + ".emb_layers.1.weight", d + ".time_emb_proj.weight", {c, temb});
     put(l + ".emb_layers.1.bias", d + ".time_emb_proj.bias", {c});
     put(l + ".out_layers.0.weight", d + ".norm2.weight", {c});
     put(l + ".out_layers.0.bias", d + ".norm2.bias", {c});
-    put(l + ".out_layers.3.weight", d + ".conv2.weight", {c, c, 3, 3});
+    put(l + ".out_layers.3.weight", d + ".conv2.weight", {c, c, k, k});
     put(l + ".out_layers.3.bias", d + ".conv2.bias", {c});
     if (cin != c) {
       put(l + ".skip_connection.weight", d + ".conv_shortcut.weight", {c, cin, 1, 1});
@@ -198,9 +199,10 @@ void add_unet(Builder& b, const std::string& prefix, bool diffusers) {
         both(tb + a + ".to_out.0.bias", {c});
       }
       if (b.o.full_size || t == 0) {  // tiny files keep one feed-forward per container (size)
-        both(tb + ".ff.net.0.proj.weight", {8 * c, c});
-        both(tb + ".ff.net.0.proj.bias", {8 * c});
-        both(tb + ".ff.net.2.weight", {c, 4 * c});
+        const std::int64_t inner = b.o.full_size ? 4 * c : c;  // GEGLU: proj is 2 x inner wide
+        both(tb + ".ff.net.0.proj.weight", {2 * inner, c});
+        both(tb + ".ff.net.0.proj.bias", {2 * inner});
+        both(tb + ".ff.net.2.weight", {c, inner});
         both(tb + ".ff.net.2.bias", {c});
       }
       for (const char* n : {".norm1", ".norm2", ".norm3"}) {
@@ -242,7 +244,7 @@ void add_unet(Builder& b, const std::string& prefix, bool diffusers) {
     }
     if (l + 1 < levels) {
       put(fmt::format("input_blocks.{}.0.op.weight", 3 * l + 3), fmt::format("down_blocks.{}.downsamplers.0.conv.weight", l),
-          {c, c, 3, 3});
+          {c, c, k, k});
       put(fmt::format("input_blocks.{}.0.op.bias", 3 * l + 3), fmt::format("down_blocks.{}.downsamplers.0.conv.bias", l), {c});
       skips.push_back(c);
     }
@@ -264,7 +266,7 @@ void add_unet(Builder& b, const std::string& prefix, bool diffusers) {
       if (r == 2 && l > 0) {
         const int sub = depth > 0 ? 2 : 1;
         put(fmt::format("output_blocks.{}.{}.conv.weight", i, sub), fmt::format("up_blocks.{}.upsamplers.0.conv.weight", j),
-            {c, c, 3, 3});
+            {c, c, k, k});
         put(fmt::format("output_blocks.{}.{}.conv.bias", i, sub), fmt::format("up_blocks.{}.upsamplers.0.conv.bias", j), {c});
       }
     }
