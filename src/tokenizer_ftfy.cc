@@ -234,6 +234,10 @@ std::u32string fix_segment(std::u32string text, bool unescape) {
 }  // namespace
 
 std::u32string fix_text(std::u32string_view text) {
+  // Printable ASCII without '&' is a fixed point of every step (most prompts): skip the rounds.
+  bool plain = true;
+  for (char32_t c : text) plain = plain && ((c >= 0x20 && c < 0x7F && c != U'&') || c == U'\n' || c == U'\t');
+  if (plain) return std::u32string(text);
   std::u32string out;
   out.reserve(text.size());
   bool unescape = true;  // "auto": switched off for good at the first segment holding '<'

@@ -122,3 +122,14 @@ void bpe_heap(const PairTable& merges, std::vector<std::int32_t>& symbols);
 std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, const std::string& label,
                                                        bool diffusers);
 }  // namespace speed::tok
+
+namespace speed::tok {
+// A single-byte encoding ftfy tries when repairing mojibake: the characters of bytes 0x80..0xFF.
+struct SingleByteCodec {
+  const char* name;
+  bool sloppy;  // undefined bytes pass through; byte 0x1A stands for U+FFFD
+  char32_t high[128];
+};
+extern const SingleByteCodec kCharmapCodecs[];  // in ftfy's CHARMAP_ENCODINGS order
+extern const std::size_t kCharmapCodecCount;
+}  // namespace speed::tok
