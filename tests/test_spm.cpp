@@ -55,6 +55,8 @@ const Model& tiny_model() {
     char tmpl[] = "/tmp/speed_spm_test_XXXXXX";
     REQUIRE(::mkdtemp(tmpl) != nullptr);
     Model model{tmpl, std::string(tmpl) + "/tiny.model"};
+    static const std::string cleanup = "rm -rf '" + model.dir + "'";
+    std::atexit([] { (void)std::system(cleanup.c_str()); });
     std::ofstream corpus(model.dir + "/corpus.txt");
     std::ifstream coco(kShared + "/data/speed/mscoco.csv");
     std::string line;

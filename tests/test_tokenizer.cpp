@@ -211,6 +211,11 @@ TEST_CASE("edge cases of text", "[unit]") {
     CHECK(speed::ClipTokenizer::normalize("\xce\xa3\xce\xa3\xce\xa3 \xce\xa3") == "\xcf\x83\xcf\x83\xcf\x82 \xcf\x83");  // ΣΣΣ Σ
     CHECK(speed::ClipTokenizer::normalize("e\xcc\x81") == "\xc3\xa9");                               // NFC
     CHECK(speed::ClipTokenizer::normalize("a\x1b[31mb\x01") == "ab");
+    // Mojibake repair (ftfy fix_encoding), and text it must leave alone.
+    CHECK(speed::ClipTokenizer::normalize("Schr\xc3\x83\xc2\xb6" "dinger") == "schr\xc3\xb6" "dinger");
+    CHECK(speed::ClipTokenizer::normalize("\xc3\xa2\xe2\x82\xac\xc5\x93hi\xc3\xa2\xe2\x82\xac\xc2\x9d") == "\"hi\"");
+    CHECK(speed::ClipTokenizer::normalize("caf\xc3\xa9 r\xc3\xa9sum\xc3\xa9") == "caf\xc3\xa9 r\xc3\xa9sum\xc3\xa9");
+    CHECK(speed::ClipTokenizer::normalize("\xc2\x93quoted\xc2\x94") == "\"quoted\"");  // C1 as Windows-1252
   }
   SECTION("invalid UTF-8 becomes U+FFFD as Python's errors='replace'") {
     CHECK(speed::ClipTokenizer::normalize("a\xff" "b") == "a\xef\xbf\xbd" "b");
