@@ -177,7 +177,6 @@ RunResult run_erase(const EraseRequest& req) {
   // ---- concepts ----
   sw = Stopwatch();
   ConceptSet set = load_concepts(req.concepts);
-  for (const auto& n : set.notes) log().info("concepts: {}", n);
   log().info("concepts: {} target(s), {} retain text(s) kept of {} ({} dropped by the target "
              "filter) ({:.2f} s)",
              set.targets.size(), set.retain.size(), set.retain_unique, set.dropped.size(),
