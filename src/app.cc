@@ -1,6 +1,7 @@
 // app: the erase pipeline (options -> checkpoint -> concepts -> embed -> edit -> export -> report).
 #include "speed/app.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,6 +42,9 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   std::string tmpl = (dir / ("." + p.filename().string() + ".tmp-XXXXXX")).string();
   int fd = ::mkstemp(tmpl.data());
   SPEED_CHECK(fd >= 0, "cannot create a temporary file next to '{}': {}", path, std::strerror(errno));
+  mode_t mask = ::umask(0);  // mkstemp creates 0600; a report is an ordinary file
+  ::umask(mask);
+  ::fchmod(fd, 0666 & ~mask);
   std::FILE* f = ::fdopen(fd, "wb");
   bool ok = f != nullptr && std::fwrite(text.data(), 1, text.size(), f) == text.size();
   ok = f != nullptr && std::fflush(f) == 0 && ok;

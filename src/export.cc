@@ -1,6 +1,7 @@
 // export: output paths, format dispatch and the `full` format (single file and diffusers folder).
 #include "speed/export.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -186,6 +187,10 @@ TempPath::TempPath(const fs::path& target, bool directory) {
     ::close(fd);
   }
   path_ = buf.data();
+  // mkstemp/mkdtemp create 0600/0700; an output should get the usual umask-based mode.
+  mode_t mask = ::umask(0);
+  ::umask(mask);
+  ::chmod(path_.c_str(), (directory ? 0777 : 0666) & ~mask);
 }
 
 TempPath::~TempPath() {
