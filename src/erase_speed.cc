@@ -2,12 +2,13 @@
 //
 // Three phases, so that layers run in parallel while the random stream is consumed exactly in the
 // reference's order (one CPU generator: randperm first, then the DPA draws layer by layer):
-//   A (parallel)   E = W G, IPF, the DPA direction v;
+//   A (parallel)   the influences ‖E r‖ (E = W G), IPF, the DPA direction v;
 //   B (sequential) the DPA noise of every layer, in layer order, reduced at once to the kept
 //                  perturbed rows (row index, coefficient c of r' = r + c v);
 //   C (parallel)   C_rr, its eigen-decomposition, P and the closed form.
 // With IPF and DPA both off, C_rr (and so P and the whole right factor H of ΔW = W H) is the same
 // for every layer: it is computed once.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -176,18 +178,65 @@ void draw_augmentation(LayerWork& w, at::Generator& gen, const EraseOptions& o, 
 }
 
 // C_rr over the kept rows and the kept perturbed rows r + c v, without forming the latter:
-// Σ (r + cv)(r + cv)ᵀ = Σ r rᵀ + u vᵀ + v uᵀ + (Σ c²) v vᵀ with u = Σ c r.
-at::Tensor retain_covariance(const at::Tensor& Rk, const LayerWork& w) {
-  if (!w.aug_rows.defined() || w.aug_rows.numel() == 0)
-    return at::matmul(Rk.t(), Rk) / static_cast<double>(Rk.size(0));
+// Σ (r + cv)(r + cv)ᵀ = Σ r rᵀ + u vᵀ + v uᵀ + (Σ c²) v vᵀ with u = Σ c r, so
+// C_rr = (Xᵀ diag(mult) X + u vᵀ + v uᵀ + c2 v vᵀ) / count.
+struct RetainCov {
+  at::Tensor X, mult;  // rows [nk, d]; multiplicity of each (1 + its kept perturbations), or undefined
+  at::Tensor u, v;     // DPA terms (undefined without DPA)
+  double c2 = 0, count = 0;
+};
+
+RetainCov retain_covariance(const at::Tensor& Rk, const LayerWork* w) {
+  RetainCov c;
+  c.X = Rk;
+  c.count = static_cast<double>(Rk.size(0));
+  if (!w || !w->aug_rows.defined() || w->aug_rows.numel() == 0) return c;
   const std::int64_t nk = Rk.size(0);
-  const at::Tensor mult = at::bincount(w.aug_rows, {}, nk).to(at::kDouble) + 1.0;
-  const at::Tensor csum = at::zeros({nk}, Rk.options()).index_add_(0, w.aug_rows, w.aug_c);
-  const at::Tensor u = at::matmul(Rk.t(), csum);
-  const at::Tensor uv = at::outer(u, w.v);
-  const double c2 = (w.aug_c * w.aug_c).sum().item<double>();
-  const at::Tensor crr = at::matmul(Rk.t(), Rk * mult.unsqueeze(1)) + uv + uv.t() + c2 * at::outer(w.v, w.v);
-  return crr / static_cast<double>(nk + w.aug_rows.size(0));
+  c.mult = at::bincount(w->aug_rows, {}, nk).to(at::kDouble) + 1.0;
+  const at::Tensor csum = at::zeros({nk}, Rk.options()).index_add_(0, w->aug_rows, w->aug_c);
+  c.u = at::matmul(Rk.t(), csum);
+  c.v = w->v;
+  c.c2 = (w->aug_c * w->aug_c).sum().item<double>();
+  c.count += static_cast<double>(w->aug_rows.size(0));
+  return c;
+}
+
+// Σ_i m_i z_iᵀ z_i + the DPA terms, for rows Z = X Q (Q = I: the dense d×d C_rr).
+at::Tensor covariance(const RetainCov& c, const at::Tensor& Z, const at::Tensor& u, const at::Tensor& v) {
+  at::Tensor crr = at::matmul(Z.t(), c.mult.defined() ? Z * c.mult.unsqueeze(1) : Z);
+  if (c.v.defined()) {
+    const at::Tensor uv = at::outer(u, v);
+    crr = crr + uv + uv.t() + c.c2 * at::outer(v, v);
+  }
+  return crr / c.count;
+}
+
+// The null space of C_rr. When its rows span m < d/2 dimensions (few retain rows, e.g. 100
+// celebrities in 768 dimensions; DPA adds only v to the span), C_rr is decomposed in an
+// orthonormal basis of that span (m×m) instead of d×d: the d − m directions outside it have
+// eigenvalue 0 and belong to the null space, the rest is the same decomposition.
+NullSpace retain_null_space(const RetainCov& c, double tau, const at::Tensor& eye) {
+  const std::int64_t d = c.X.size(1);
+  const std::int64_t m = c.X.size(0) + (c.v.defined() ? 1 : 0);
+  if (2 * m > d) return null_space(covariance(c, c.X, c.u, c.v), tau);
+  const at::Tensor B = c.v.defined() ? at::cat({c.X.t(), c.v.unsqueeze(1)}, 1) : c.X.t();
+  const at::Tensor Qb = std::get<0>(at::linalg_qr(B, "reduced"));  // [d, m], orthonormal
+  const at::Tensor vq = c.v.defined() ? at::matmul(Qb.t(), c.v) : at::Tensor();
+  const at::Tensor uq = c.v.defined() ? at::matmul(Qb.t(), c.u) : at::Tensor();
+  at::Tensor evals, evecs;
+  std::tie(evals, evecs) = at::linalg_eigh(covariance(c, at::matmul(c.X, Qb), uq, vq));
+  const at::Tensor ev = evals.cpu();
+  const double* e = ev.data_ptr<double>();
+  std::int64_t small = 0;
+  while (small < m && e[small] < tau) ++small;
+  NullSpace ns;
+  ns.dim = (d - m) + small;
+  if (small > 0) ns.below = e[small - 1];
+  if (d > m) ns.below = small > 0 ? std::max(ns.below, 0.0) : 0.0;
+  if (small < m) ns.above = e[small];
+  const at::Tensor ub = at::matmul(Qb, evecs.slice(1, small));  // eigenvectors at or above τ
+  ns.P = eye - at::matmul(ub, ub.t());
+  return ns;
 }
 
 }  // namespace
@@ -208,11 +257,13 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
   const at::Tensor A = p.cat - p.ctt;
   // G = A (I + Ctt)⁻¹ = ((I + Ctt)⁻¹ Aᵀ)ᵀ, (I + Ctt) symmetric positive definite.
   const at::Tensor G = at::linalg_solve(p.eye + p.ctt, A.t()).t();
+  // IPF ranks rows by ‖E r‖ = ‖W (G r)‖: Y = R Gᵀ is shared, so no layer forms E = W G.
   const bool shared = !o.ipf && o.augment == 0;
+  const at::Tensor Y = shared ? at::Tensor() : at::matmul(R, G.t());
   NullSpace shared_ns;
   at::Tensor shared_H;
   if (shared) {
-    shared_ns = null_space(at::matmul(R.t(), R) / static_cast<double>(n), o.threshold);
+    shared_ns = retain_null_space(retain_covariance(R, nullptr), o.threshold, p.eye);
     const std::string first = layers.empty() ? std::string("-") : layers.front().name;
     if (shared_ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(first, o.threshold, shared_ns.above, true);
     shared_H = shared_ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, shared_ns.P, o, first);
@@ -226,8 +277,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     for_each_layer(layers.size(), o.threads, [&](std::size_t i) {  // phase A
       LayerWork& w = work[i];
       w.W = layer_weight(layers[i], p);
-      const at::Tensor E = at::matmul(w.W, G);
-      at::Tensor ER = at::matmul(R, E.t());
+      at::Tensor ER = at::matmul(Y, w.W.t());
       if (o.ipf) {
         const at::Tensor norms = ER.norm(2, {1});
         w.kept = (norms > norms.mean()).nonzero().squeeze(1);
@@ -240,7 +290,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       w.ER = ER;
       if (o.augment > 0) {
         w.v = dpa_direction(w.W);
-        w.Ev = at::matmul(E, w.v);
+        w.Ev = at::matmul(w.W, at::matmul(G, w.v));
       }
     });
     if (o.augment > 0)  // phase B: the one random stream, in layer order
@@ -264,7 +314,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       g.augmented_rows = w.aug_rows.defined() ? w.aug_rows.size(0) : 0;
       g.rows_used = g.kept_rows + g.augmented_rows;
       SPEED_CHECK(g.kept_rows > 0, "layer '{}': no retain row is left after IPF", layers[i].name);
-      const NullSpace ns = null_space(retain_covariance(Rk, w), o.threshold);
+      const NullSpace ns = retain_null_space(retain_covariance(Rk, &w), o.threshold, p.eye);
       g.null_dim = ns.dim, g.eig_below = ns.below, g.eig_above = ns.above;
       if (ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(layers[i].name, o.threshold, ns.above, false);
       H = ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, ns.P, o, layers[i].name);

@@ -178,6 +178,65 @@ TEST_CASE("SPEED invariants on random inputs", "[unit]") {
   }
 }
 
+TEST_CASE("SPEED equals its closed form computed independently with Eigen", "[unit]") {
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  auto mat = [](const at::Tensor& t) {
+    const at::Tensor c = t.to(at::kDouble).contiguous();
+    return Mat(Eigen::Map<const Mat>(c.data_ptr<double>(), c.size(0), c.size(1)));
+  };
+  // n = 8 rows in d = 24 takes the low-rank null-space path, n = 60 the dense one.
+  for (std::int64_t n : {8, 60})
+    for (bool ipf : {false, true}) {
+      Problem p = random_problem(24, n, 24, 40 + n);
+      EraseOptions o;
+      o.augment = 0, o.ipf = ipf, o.lambda = 0.3, o.retain_scale = 0.8, o.iec_clusters = 3;
+      o.threshold = n == 8 ? 0.05 : 2.0;
+      const EditResult r = edit_layers(p.sets, p.layers, o);
+      const Mat E = mat(p.sets.targets), Es = mat(p.sets.anchors), R = mat(p.sets.retain), K2 = mat(r.k2);
+      const Mat I = Mat::Identity(24, 24);
+      const Mat Ctt = E.transpose() * E / 3.0, Cat = Es.transpose() * E / 3.0;
+      for (std::size_t l = 0; l < p.layers.size(); ++l) {
+        const Mat W = mat(p.layers[l].weight);
+        const Mat Er = W * (Cat - Ctt) * (I + Ctt).inverse();
+        std::vector<int> keep;
+        Eigen::VectorXd norms(R.rows());
+        for (int i = 0; i < R.rows(); ++i) norms(i) = (Er * R.row(i).transpose()).norm();
+        for (int i = 0; i < R.rows(); ++i)
+          if (!ipf || norms(i) > norms.mean()) keep.push_back(i);
+        Mat Crr = Mat::Zero(24, 24);
+        for (int i : keep) Crr += R.row(i).transpose() * R.row(i);
+        Crr /= static_cast<double>(keep.size());
+        Eigen::SelfAdjointEigenSolver<Mat> es(Crr);
+        Mat P = Mat::Zero(24, 24);
+        int null_dim = 0;
+        for (int k = 0; k < 24; ++k)
+          if (es.eigenvalues()(k) < o.threshold) P += es.eigenvectors().col(k) * es.eigenvectors().col(k).transpose(), ++null_dim;
+        const Mat M = (Ctt * P + o.retain_scale * I).inverse();
+        const Mat S = K2.transpose() * P * M * K2 + o.lambda * Mat::Identity(K2.cols(), K2.cols());
+        const Mat dW = W * (Cat - Ctt) * P * (I - M * K2 * S.inverse() * K2.transpose() * P) * M;
+        const double err = (mat(r.layers[l].delta) - dW).norm() / dW.norm();
+        INFO("n " << n << " ipf " << ipf << " layer " << l << ": null_dim " << r.layers[l].diag.null_dim << " vs " << null_dim
+                  << ", kept " << r.layers[l].diag.kept_rows << " vs " << keep.size() << ", ‖ΔW − ΔW_eigen‖/‖ΔW_eigen‖ = " << err);
+        CHECK(r.layers[l].diag.null_dim == null_dim);
+        CHECK(r.layers[l].diag.kept_rows == static_cast<std::int64_t>(keep.size()));
+        CHECK(err < 1e-9);
+      }
+    }
+}
+
+TEST_CASE("DPA on few retain rows (low-rank null-space path) keeps the invariants", "[unit]") {
+  Problem p = random_problem(24, 8, 24, 3);
+  EraseOptions o;
+  o.augment = 3, o.ipf = false, o.threshold = 1e-9;
+  const EditResult r = edit_layers(p.sets, p.layers, o);
+  for (const auto& l : r.layers) {
+    CHECK(l.diag.null_dim == 24 - 9);  // the 8 rows and v span 9 dimensions
+    CHECK(l.diag.augmented_rows > 0);
+    CHECK(l.diag.retain_residual_max < 1e-10);
+    CHECK(l.diag.iec_residual < 1e-10);
+  }
+}
+
 TEST_CASE("UCE equals its closed form computed independently with Eigen", "[unit]") {
   Problem p = random_problem(12, 30, 12, 21);
   EraseOptions o;

@@ -76,7 +76,7 @@ inline double rel(double a, double b) { return std::abs(a - b) / std::max(std::a
 // Compares every layer of `r` with the case: stored ΔW (Frobenius, relative to the golden),
 // ‖ΔW‖, sampled entries, null_dim, IEC residual and the report residuals. Prints a side-by-side
 // table of the worst layers on failure.
-inline void check_case(const std::string& name, const nlohmann::json& c, const speed::EditResult& r,
+inline std::pair<double, double> check_case(const std::string& name, const nlohmann::json& c, const speed::EditResult& r,
                        const std::vector<speed::LayerInput>& layers, double tol = 1e-4) {
   const auto& gl = c.at("layers");
   REQUIRE(r.layers.size() == gl.size());
@@ -131,6 +131,7 @@ inline void check_case(const std::string& name, const nlohmann::json& c, const s
   INFO(name << ": worst stored-layer relative error " << worst_stored << ", worst |dW| relative error " << worst_fro
             << "\n" << bad.str());
   CHECK(failures == 0);
+  return {worst_stored, worst_fro};
 }
 
 }  // namespace erase_test
