@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "app_internal.h"
+#include "safetensors_atomic.h"
 #include "speed/embed.h"
 #include "speed/error.h"
 #include "speed/log.h"
@@ -37,25 +38,9 @@ double Stopwatch::seconds() const {
 }
 
 void write_text_atomic(const std::string& path, const std::string& text) {
-  fs::path p(path);
-  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  std::string tmpl = (dir / ("." + p.filename().string() + ".tmp-XXXXXX")).string();
-  int fd = ::mkstemp(tmpl.data());
-  SPEED_CHECK(fd >= 0, "cannot create a temporary file next to '{}': {}", path, std::strerror(errno));
-  mode_t mask = ::umask(0);  // mkstemp creates 0600; a report is an ordinary file
-  ::umask(mask);
-  ::fchmod(fd, 0666 & ~mask);
-  std::FILE* f = ::fdopen(fd, "wb");
-  bool ok = f != nullptr && std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  ok = f != nullptr && std::fflush(f) == 0 && ok;
-  ok = f != nullptr && ::fsync(fd) == 0 && ok;
-  ok = (f != nullptr ? std::fclose(f) == 0 : ::close(fd) == 0) && ok;
-  std::error_code ec;
-  if (ok) fs::rename(tmpl, p, ec);
-  if (!ok || ec) {
-    fs::remove(tmpl, ec);
-    fail("cannot write '{}': {}", path, std::strerror(errno));
-  }
+  AtomicFile f(path, /*overwrite=*/true);
+  f.write(text.data(), text.size());
+  f.commit();
 }
 
 void check_report_path(const std::string& path, const std::vector<std::string>& taken) {

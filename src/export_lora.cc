@@ -14,6 +14,7 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include "export_internal.h"
+#include "safetensors_atomic.h"
 #include "speed/error.h"
 #include "speed/log.h"
 #include "speed/tensor.h"
@@ -25,18 +26,11 @@ namespace detail {
 
 namespace {
 
-// Writes `bytes` to `out` through a temporary sibling + fsync + rename.
+// Temp file + fsync + rename, registered for clean-up on SIGINT/SIGTERM (safetensors module).
 void write_file_atomic(const fs::path& out, const std::vector<char>& bytes, bool overwrite) {
-  TempPath tmp(out, false);
-  std::FILE* f = std::fopen(tmp.path().c_str(), "wb");
-  SPEED_CHECK(f != nullptr, "cannot open '{}' for writing: {}", tmp.path().string(),
-              std::strerror(errno));
-  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  ok = std::fflush(f) == 0 && ok;
-  ok = ::fsync(::fileno(f)) == 0 && ok;
-  ok = std::fclose(f) == 0 && ok;
-  SPEED_CHECK(ok, "cannot write '{}': {}", tmp.path().string(), std::strerror(errno));
-  tmp.commit(out, overwrite);
+  AtomicFile f(out.string(), overwrite);
+  f.write(bytes.data(), bytes.size());
+  f.commit();
 }
 
 // The reference writer's tensor order: element size descending, then name (formats.md §1.2).
