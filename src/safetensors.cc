@@ -11,10 +11,8 @@
 #include <cstring>
 #include <numeric>
 #include <unordered_map>
-#include <unordered_set>
 
-#include <nlohmann/json.hpp>
-
+#include "safetensors_header.h"
 #include "speed/error.h"
 
 namespace speed {
@@ -40,32 +38,6 @@ const DtypeRow& row(Dtype d) {
     if (r.dtype == d) return r;
   }
   fail("invalid dtype value {}", static_cast<int>(d));
-}
-
-// Thrown from inside the nlohmann parser callback; turned into a speed::Error with the label.
-struct HeaderReject {
-  std::string message;
-};
-
-const char* json_type_name(const nlohmann::ordered_json& j) {
-  if (j.is_number_float()) return "float";
-  if (j.is_number_integer() && !j.is_number_unsigned()) return "negative integer";
-  return j.type_name();
-}
-
-// Printable, bounded rendering of a hostile string for messages.
-std::string shown(std::string_view s) {
-  std::string out;
-  for (char c : s.substr(0, 200)) {
-    auto u = static_cast<unsigned char>(c);
-    if (u < 0x20 || u == 0x7f) {
-      out += fmt::format("\\x{:02x}", u);
-    } else {
-      out += c;
-    }
-  }
-  if (s.size() > 200) out += "...";
-  return out;
 }
 
 std::uint64_t read_le64(const std::uint8_t* p) {
@@ -114,20 +86,6 @@ struct SafeTensors::Impl {
   void parse();
 };
 
-namespace {
-
-using Json = nlohmann::ordered_json;
-
-std::uint64_t get_u64(const Json& v, const std::string& what) {
-  if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
-    throw HeaderReject{fmt::format("{} must be a non-negative integer, got {} {}", what,
-                                   json_type_name(v), shown(v.dump()))};
-  }
-  return v.get<std::uint64_t>();
-}
-
-}  // namespace
-
 void SafeTensors::Impl::parse() {
   const std::string& f = label;
   SPEED_CHECK(size >= 8, "'{}': file is {} bytes, expected at least 8 (the header length)", f, size);
@@ -140,134 +98,8 @@ void SafeTensors::Impl::parse() {
   SPEED_CHECK(header_n >= 2, "'{}': header length {} is too small for a JSON object", f, header_n);
   const char* text = reinterpret_cast<const char*>(base + 8);
 
-  // Duplicate keys: nlohmann silently keeps one of them, so track each object's keys while
-  // parsing. The depth limit bounds recursion and allocation (a valid header nests at most
-  // root object -> tensor object -> shape array), and the array limit bounds shape lengths.
-  std::vector<std::unordered_set<std::string>> keys;
-  std::size_t top_level = 0;
-  std::size_t array_items = 0;
-  auto callback = [&](int depth, Json::parse_event_t event, Json& parsed) -> bool {
-    switch (event) {
-      case Json::parse_event_t::object_start:
-      case Json::parse_event_t::array_start:
-        if (depth >= 3) throw HeaderReject{"header nests deeper than a safetensors header can"};
-        if (event == Json::parse_event_t::object_start) keys.emplace_back();
-        array_items = 0;
-        break;
-      case Json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case Json::parse_event_t::key: {
-        const auto& k = parsed.get_ref<const std::string&>();
-        if (keys.empty()) break;
-        if (!keys.back().insert(k).second) {
-          throw HeaderReject{depth <= 1 ? fmt::format("duplicate tensor name '{}'", shown(k))
-                                        : fmt::format("duplicate key '{}' in a header object", shown(k))};
-        }
-        if (depth == 1 && ++top_level > kMaxTensors + 1) {
-          throw HeaderReject{fmt::format("header lists more than {} tensors (limit kMaxTensors)",
-                                         kMaxTensors)};
-        }
-        break;
-      }
-      case Json::parse_event_t::value:
-        if (depth == 3 && ++array_items > kMaxRank) {
-          throw HeaderReject{fmt::format("an array in the header has more than {} items (limit kMaxRank)",
-                                         kMaxRank)};
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
-
-  Json j;
   try {
-    j = Json::parse(text, text + header_n, callback, /*allow_exceptions=*/true);
-  } catch (const HeaderReject& e) {
-    fail("'{}': {}", f, e.message);
-  } catch (const nlohmann::json::exception& e) {
-    fail("'{}': header is not valid UTF-8 JSON: {}", f, e.what());
-  }
-  SPEED_CHECK(j.is_object(), "'{}': header is a JSON {}, expected an object", f, j.type_name());
-
-  try {
-    tensors.reserve(j.size());
-    for (auto it = j.begin(); it != j.end(); ++it) {
-      const std::string& name = it.key();
-      const Json& v = it.value();
-      if (name == "__metadata__") {
-        if (v.is_null()) continue;
-        if (!v.is_object()) {
-          throw HeaderReject{fmt::format("__metadata__ is a JSON {}, expected an object of strings",
-                                         v.type_name())};
-        }
-        for (auto m = v.begin(); m != v.end(); ++m) {
-          if (!m->is_string()) {
-            throw HeaderReject{fmt::format("__metadata__ value of '{}' is a JSON {}, expected a string",
-                                           shown(m.key()), json_type_name(*m))};
-          }
-          metadata.emplace_back(m.key(), m->get<std::string>());
-        }
-        continue;
-      }
-      auto tname = fmt::format("tensor '{}'", shown(name));
-      if (!v.is_object()) {
-        throw HeaderReject{fmt::format("{} is a JSON {}, expected an object", tname, v.type_name())};
-      }
-      TensorInfo t;
-      t.name = name;
-      auto dt = v.find("dtype");
-      if (dt == v.end()) throw HeaderReject{tname + " has no 'dtype'"};
-      if (!dt->is_string()) {
-        throw HeaderReject{fmt::format("{} dtype is a JSON {}, expected a string", tname, json_type_name(*dt))};
-      }
-      auto d = dtype_from_string(dt->get_ref<const std::string&>());
-      if (!d) {
-        throw HeaderReject{fmt::format("{} has unknown or unsupported dtype '{}'", tname,
-                                       shown(dt->get_ref<const std::string&>()))};
-      }
-      t.dtype = *d;
-      auto sh = v.find("shape");
-      if (sh == v.end()) throw HeaderReject{tname + " has no 'shape'"};
-      if (!sh->is_array()) {
-        throw HeaderReject{fmt::format("{} shape is a JSON {}, expected an array", tname, sh->type_name())};
-      }
-      if (sh->size() > kMaxRank) {
-        throw HeaderReject{fmt::format("{} has rank {}, more than the limit {} (kMaxRank)", tname,
-                                       sh->size(), kMaxRank)};
-      }
-      std::uint64_t numel = 1;
-      bool overflow = false;
-      for (const auto& dim : *sh) {
-        std::uint64_t n = get_u64(dim, tname + " shape entry");
-        if (n > static_cast<std::uint64_t>(INT64_MAX)) overflow = true;
-        t.shape.push_back(static_cast<std::int64_t>(n & static_cast<std::uint64_t>(INT64_MAX)));
-        if (__builtin_mul_overflow(numel, n, &numel)) overflow = true;
-      }
-      std::uint64_t span = 0;
-      if (overflow || numel > static_cast<std::uint64_t>(INT64_MAX) ||
-          __builtin_mul_overflow(numel, dtype_size(t.dtype), &span)) {
-        throw HeaderReject{fmt::format("{} shape {} overflows the element count", tname, shown(sh->dump()))};
-      }
-      auto off = v.find("data_offsets");
-      if (off == v.end()) throw HeaderReject{tname + " has no 'data_offsets'"};
-      if (!off->is_array() || off->size() != 2) {
-        throw HeaderReject{fmt::format("{} data_offsets is {}, expected [begin, end]", tname, shown(off->dump()))};
-      }
-      t.begin = get_u64((*off)[0], tname + " data_offsets begin");
-      t.end = get_u64((*off)[1], tname + " data_offsets end");
-      if (t.end < t.begin) {
-        throw HeaderReject{fmt::format("{} ends before it begins: data_offsets [{}, {}]", tname, t.begin, t.end)};
-      }
-      if (t.end - t.begin != span) {
-        throw HeaderReject{fmt::format("{} spans {} bytes, expected {} (shape {} x {}, {} bytes each)",
-                                       tname, t.end - t.begin, span, format_shape(t.shape),
-                                       dtype_name(t.dtype), dtype_size(t.dtype))};
-      }
-      tensors.push_back(std::move(t));
-    }
+    detail::parse_header_json(text, static_cast<std::size_t>(header_n), tensors, metadata);
   } catch (const HeaderReject& e) {
     fail("'{}': {}", f, e.message);
   }
@@ -287,7 +119,7 @@ void SafeTensors::Impl::parse() {
     const auto& t = tensors[i];
     if (t.begin != pos) {
       fail("'{}': tensor '{}' starts at byte {} of the data buffer, expected {} (offsets must be "
-           "contiguous from 0)", f, shown(t.name), t.begin, pos);
+           "contiguous from 0)", f, detail::shown(t.name), t.begin, pos);
     }
     pos = t.end;
   }
