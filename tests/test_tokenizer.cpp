@@ -359,7 +359,7 @@ TEST_CASE("find_tokenizer search order", "[unit]") {
   CHECK(speed::ClipTokenizer::load(kShared + "/golden/fixture_tiny_diffusers").vocab_size() == 49408);
 }
 
-TEST_CASE("tokenizer speed on style.csv names and mscoco captions", "[unit]") {
+TEST_CASE("tokenizer speed on style.csv names and mscoco captions", "[.][bench]") {
   const auto& t = gz_tokenizer();
   std::vector<std::string> texts;
   for (const char* file : {"/data/speed/style.csv", "/data/speed/mscoco.csv"}) {
