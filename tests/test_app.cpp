@@ -22,6 +22,7 @@
 #include "speed/checkpoint.h"
 #include "speed/export.h"
 #include "speed/safetensors.h"
+#include "speed/synth.h"
 #include "speed/tensor.h"
 
 namespace fs = std::filesystem;
@@ -473,4 +474,33 @@ TEST_CASE("eval e2e: metrics match values computed here from the golden states",
   CHECK(run({"eval", "--model", model.string(), "--concept", "x"}, tmp.path).rc == 2);
   CHECK(run({"eval", "--model", model.string(), "--edited", edited.string(), "--lora", lora.string(),
              "--concept", "x"}, tmp.path).rc == 2);
+}
+
+// Not run by default (hidden tag): a full-size SD 1.x checkpoint (real shapes, seeded random
+// weights, fp16) through the style preset, formats full and lora. Prints the stage timings.
+// Run: build/tests/test_app "[.bench]"
+TEST_CASE("erase bench: full-size SD 1.x, style preset", "[.bench]") {
+  fs::path dir = fs::temp_directory_path() / "speed-bench";
+  fs::create_directories(dir);
+  fs::path model = dir / "sd1-full-f16.safetensors";
+  if (!fs::exists(model)) {
+    SynthOptions o;
+    o.family = Family::SD1;
+    o.dtype = Dtype::F16;
+    o.full_size = true;
+    o.seed = 14;
+    write_synth_checkpoint(model.string(), o);
+  }
+  const std::string data = (kShared / "data/speed").string();
+  for (const char* format : {"full", "lora"}) {
+    fs::path out = dir / (std::string("out.") + format + ".safetensors");
+    Run r = run({"--model", model.string(), "--tokenizer", kMerges, "--preset", "style", "--data-dir", data,
+                 "--concept", "Van Gogh", "--format", format, "--output", out.string(), "--force",
+                 "--no-cache", "--report", "-"}, dir);
+    INFO("stderr: " << r.err);
+    REQUIRE(r.rc == 0);
+    Json rep = Json::parse(r.out);
+    WARN(format << ": model " << fs::file_size(model) / 1e6 << " MB, output " << fs::file_size(out) / 1e6
+                << " MB, threads " << rep["threads"] << ", timings " << rep["timings"].dump());
+  }
 }
