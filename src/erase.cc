@@ -155,7 +155,7 @@ void check_finite(const at::Tensor& t, const char* what) {
 }
 
 void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW, const Prepared& p,
-              LayerDiagnostics& g) {
+              LayerDiagnostics& g, const at::Tensor& dw_r_norms) {
   g.name = layer.name;
   g.out = W.size(0);
   g.in = W.size(1);
@@ -179,8 +179,10 @@ void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW
   }
   g.target_residual_mean = used ? sum / static_cast<double>(used) : 0.0;
 
-  const at::Tensor wr = at::matmul(p.retain, W.t()).norm(2, {1});
-  const at::Tensor dr = at::matmul(p.retain, dW.t()).norm(2, {1});
+  // The denominators ‖W r‖ in float32 (relative error ~1e-7, the cost of one n×d×out product);
+  // the numerators ‖ΔW r‖, which are ~1e-13 for an exact null space, stay float64.
+  const at::Tensor wr = at::matmul(p.retain32, W.to(at::kFloat).t()).norm(2, {1}).to(at::kDouble);
+  const at::Tensor dr = dw_r_norms.defined() ? dw_r_norms : at::matmul(p.retain, dW.t()).norm(2, {1});
   const at::Tensor ok = wr > 0;
   const at::Tensor ratio = dr.masked_select(ok) / wr.masked_select(ok);
   if (ratio.numel() > 0) {
@@ -230,6 +232,16 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
     result.notes.push_back("no retain source: R = rows 1..76 of the empty prompt");
   }
   result.retain_rows = p.retain.size(0);
+  p.retain32 = p.retain.to(at::kFloat);
+  p.inv_n = 1.0 / static_cast<double>(p.targets.size(0));
+  p.tm = p.targets.reshape({-1, d});
+  p.l = p.anchors.reshape({-1, d}) - p.tm;
+  if (p.tm.size(0) > d) {  // keep N' <= d: T = Q R, so TᵀT = RᵀR and LᵀT = (QᵀL)ᵀ R
+    at::Tensor q, r;
+    std::tie(q, r) = at::linalg_qr(p.tm, "reduced");
+    p.l = at::matmul(q.t(), p.l);
+    p.tm = r;
+  }
   result.k2 = invariants_k2(empty, o.iec_clusters, &result.kmeans).to(p.device);
   p.k2 = result.k2;
   p.eye = at::eye(d, at::TensorOptions().dtype(at::kDouble).device(p.device));

@@ -17,6 +17,10 @@ struct Prepared {
   at::Tensor targets, anchors;  // [N, T, d]
   at::Tensor retain;            // [n, d] (rows 1..76 of "" when there is no retain source)
   at::Tensor ctt, cat;          // [d, d]
+  at::Tensor tm, l;             // target rows T and L = anchors − targets [N', d] (N' = N·T, or
+                                // d after a QR when N' > d): Ctt = TᵀT / N, Cat − Ctt = LᵀT / N
+  double inv_n = 1;             // 1 / N
+  at::Tensor retain32;          // retain rows in float32 (only for the ‖W r‖ denominators)
   at::Tensor k2;                // [d, 1 + k]
   at::Tensor eye;               // I_d
 };
@@ -25,8 +29,9 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& options, EditRes
 // W of `layer` as float64 on the math device, checked: 2-D, width d, finite.
 at::Tensor layer_weight(const LayerInput& layer, const Prepared& p);
 // Fills the SPEC §4 residuals and norms of `g` (the counts are the caller's).
+// `dw_r_norms`: ‖ΔW r‖ of every retain row when the caller has them cheaper (else from dW).
 void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW, const Prepared& p,
-              LayerDiagnostics& g);
+              LayerDiagnostics& g, const at::Tensor& dw_r_norms = at::Tensor());
 double fro(const at::Tensor& t);
 void check_finite(const at::Tensor& t, const char* what);
 

@@ -72,8 +72,10 @@ namespace {
 constexpr std::int64_t kChunk = 128;     // the reference's chunk_size
 constexpr std::int64_t kMiniBatch = 8;   // generate_perturbed_embs' mini_batch
 
+// P without forming it: P = B Bᵀ, or I − B Bᵀ (complement), whichever basis is smaller.
 struct NullSpace {
-  at::Tensor P;  // [d, d]
+  at::Tensor basis;  // [d, m] orthonormal
+  bool complement = false;
   std::int64_t dim = 0;
   double below = std::numeric_limits<double>::quiet_NaN();
   double above = std::numeric_limits<double>::quiet_NaN();
@@ -89,8 +91,8 @@ NullSpace null_space(const at::Tensor& crr, double tau) {
   while (ns.dim < d && e[ns.dim] < tau) ++ns.dim;
   if (ns.dim > 0) ns.below = e[ns.dim - 1];
   if (ns.dim < d) ns.above = e[ns.dim];
-  const at::Tensor us = evecs.slice(1, 0, ns.dim);
-  ns.P = at::matmul(us, us.t());
+  ns.complement = 2 * ns.dim > d;
+  ns.basis = ns.complement ? evecs.slice(1, ns.dim) : evecs.slice(1, 0, ns.dim);
   return ns;
 }
 
@@ -101,23 +103,28 @@ NullSpace null_space(const at::Tensor& crr, double tau) {
               "lower --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = 0");
 }
 
-// H with ΔW = W H: H = A P (I − M K2 (K2ᵀ P M K2 + λI)⁻¹ K2ᵀ P) M, M = (Ctt P + sI)⁻¹, A = Cat − Ctt.
-// One LU of Q = Ctt P + sI serves both M K2 (solve with Q) and X M (solve with Qᵀ).
-at::Tensor right_factor(const Prepared& p, const at::Tensor& A, const at::Tensor& P, const EraseOptions& o,
-                        const std::string& layer) {
-  const at::Tensor Q = at::matmul(p.ctt, P) + o.retain_scale * p.eye;
-  at::Tensor LU, piv;
-  std::tie(LU, piv) = at::linalg_lu_factor(Q);
-  const at::Tensor AP = at::matmul(A, P);
-  if (o.no_iec) return at::linalg_lu_solve(LU, piv, AP.t(), true, true).t();
-  const at::Tensor PK = at::matmul(P, p.k2);                       // [d, k1]
-  const at::Tensor MK = at::linalg_lu_solve(LU, piv, p.k2);        // M K2
-  const std::int64_t d = A.size(0);
-  const at::Tensor Z = at::linalg_lu_solve(LU, piv, at::cat({AP.t(), PK}, 1), true, true);
-  const at::Tensor APM = Z.slice(1, 0, d).t();                     // A P M
-  const at::Tensor K2PM = Z.slice(1, d).t();                       // K2ᵀ P M  [k1, d]
-  const std::int64_t k1 = p.k2.size(1);
-  const at::Tensor S = at::matmul(PK.t(), MK) + o.lambda * at::eye(k1, A.options());
+// X P for rows X [r, d].
+at::Tensor apply_p(const NullSpace& ns, const at::Tensor& X) {
+  const at::Tensor xb = at::matmul(X, ns.basis);
+  return ns.complement ? X - at::matmul(xb, ns.basis.t()) : at::matmul(xb, ns.basis.t());
+}
+
+// ΔW = W H with H = A P (I − M K2 (K2ᵀ P M K2 + λI)⁻¹ K2ᵀ P) M, M = (Ctt P + sI)⁻¹. A and Ctt have
+// rank N' (the target rows T, L = anchors − targets): A = Lᵀ T / N, Ctt = Tᵀ T / N, so
+// H = Lᵀ F with F [N', d], and M is applied through Woodbury,
+//   Y M = (Y − (Y Tᵀ) C⁻¹ X0) / s,  M Z = (Z − Tᵀ C⁻¹ X0 Z) / s,  X0 = T P / N,  C = sI + X0 Tᵀ,
+// so no d×d product, inverse or solve is needed per layer (ΔW = (W Lᵀ) F).
+at::Tensor left_factor(const Prepared& p, const NullSpace& ns, const EraseOptions& o, const std::string& layer) {
+  const at::Tensor TP = apply_p(ns, p.tm);                  // T P [N', d]
+  const at::Tensor X0 = TP * p.inv_n;
+  const at::Tensor C = o.retain_scale * at::eye(p.tm.size(0), p.tm.options()) + at::matmul(X0, p.tm.t());
+  const at::Tensor CX = at::linalg_solve(C, X0);            // C⁻¹ X0 [N', d]
+  auto row_m = [&](const at::Tensor& Y) { return (Y - at::matmul(at::matmul(Y, p.tm.t()), CX)) / o.retain_scale; };
+  if (o.no_iec) return row_m(TP) * p.inv_n;
+  const at::Tensor PKt = apply_p(ns, p.k2.t());             // K2ᵀ P [k1, d]
+  const at::Tensor MK = (p.k2 - at::matmul(p.tm.t(), at::matmul(CX, p.k2))) / o.retain_scale;  // M K2
+  const std::int64_t k1 = p.k2.size(1), np = p.tm.size(0);
+  const at::Tensor S = at::matmul(PKt, MK) + o.lambda * at::eye(k1, p.tm.options());
   const at::Tensor sv = at::linalg_svdvals(S).cpu();
   const double smax = sv[0].item<double>(), smin = sv[k1 - 1].item<double>();
   if (!(smin > smax * 1e-13))
@@ -125,7 +132,9 @@ at::Tensor right_factor(const Prepared& p, const at::Tensor& A, const at::Tensor
                             layer, smax, smin),
                 "the null space does not reach the invariants: use --lambda > 0, fewer --iec-clusters, "
                 "--no-iec, or a larger --threshold");
-  return APM - at::matmul(at::matmul(AP, MK), at::linalg_solve(S, K2PM));
+  const at::Tensor RM = row_m(at::cat({TP, PKt}, 0));       // [T P M; K2ᵀ P M]
+  const at::Tensor F = RM.slice(0, 0, np) - at::matmul(at::matmul(TP, MK), at::linalg_solve(S, RM.slice(0, np)));
+  return F * p.inv_n;
 }
 
 // Right singular vector of W for its smallest singular value in the reduced SVD (the last column
@@ -143,7 +152,7 @@ at::Tensor dpa_direction(const at::Tensor& W) {
 }
 
 struct LayerWork {
-  at::Tensor W, ER;       // W [out, d]; ER = R_k Eᵀ [n_k, out] for the kept rows
+  at::Tensor W, WL, ER;   // W [out, d]; W Lᵀ [out, N']; ER = R_k Eᵀ [n_k, out] for the kept rows
   at::Tensor kept;        // indices into the shuffled R (int64, math device)
   at::Tensor v, Ev;       // DPA direction [d], E v [out]
   at::Tensor aug_rows;    // kept perturbed rows: source index into kept (int64) ...
@@ -215,7 +224,7 @@ at::Tensor covariance(const RetainCov& c, const at::Tensor& Z, const at::Tensor&
 // celebrities in 768 dimensions; DPA adds only v to the span), C_rr is decomposed in an
 // orthonormal basis of that span (m×m) instead of d×d: the d − m directions outside it have
 // eigenvalue 0 and belong to the null space, the rest is the same decomposition.
-NullSpace retain_null_space(const RetainCov& c, double tau, const at::Tensor& eye) {
+NullSpace retain_null_space(const RetainCov& c, double tau) {
   const std::int64_t d = c.X.size(1);
   const std::int64_t m = c.X.size(0) + (c.v.defined() ? 1 : 0);
   if (2 * m > d) return null_space(covariance(c, c.X, c.u, c.v), tau);
@@ -234,8 +243,8 @@ NullSpace retain_null_space(const RetainCov& c, double tau, const at::Tensor& ey
   if (small > 0) ns.below = e[small - 1];
   if (d > m) ns.below = small > 0 ? std::max(ns.below, 0.0) : 0.0;
   if (small < m) ns.above = e[small];
-  const at::Tensor ub = at::matmul(Qb, evecs.slice(1, small));  // eigenvectors at or above τ
-  ns.P = eye - at::matmul(ub, ub.t());
+  ns.basis = at::matmul(Qb, evecs.slice(1, small));  // eigenvectors at or above τ
+  ns.complement = true;
   return ns;
 }
 
@@ -254,20 +263,20 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
   result.shuffle.assign(perm.data_ptr<std::int64_t>(), perm.data_ptr<std::int64_t>() + n);
   const at::Tensor R = p.retain.index_select(0, perm.to(p.device));
 
-  const at::Tensor A = p.cat - p.ctt;
-  // G = A (I + Ctt)⁻¹ = ((I + Ctt)⁻¹ Aᵀ)ᵀ, (I + Ctt) symmetric positive definite.
-  const at::Tensor G = at::linalg_solve(p.eye + p.ctt, A.t()).t();
-  // IPF ranks rows by ‖E r‖ = ‖W (G r)‖: Y = R Gᵀ is shared, so no layer forms E = W G.
+  // E = W A (I + Ctt)⁻¹ = (W Lᵀ) J with J = T (I + Ctt)⁻¹ / N [N', d] ((I + Ctt) is SPD):
+  // IPF ranks rows by ‖E r‖ = ‖(W Lᵀ)(J r)‖ with RJ = R Jᵀ shared, so no layer forms E.
+  const at::Tensor J = at::linalg_solve(p.eye + p.ctt, p.tm.t()).t() * p.inv_n;
   const bool shared = !o.ipf && o.augment == 0;
-  const at::Tensor Y = shared ? at::Tensor() : at::matmul(R, G.t());
+  const at::Tensor RJ = shared ? at::Tensor() : at::matmul(R, J.t());
   NullSpace shared_ns;
-  at::Tensor shared_H;
+  at::Tensor shared_F, shared_RF;
   if (shared) {
-    shared_ns = retain_null_space(retain_covariance(R, nullptr), o.threshold, p.eye);
+    shared_ns = retain_null_space(retain_covariance(R, nullptr), o.threshold);
     const std::string first = layers.empty() ? std::string("-") : layers.front().name;
     if (shared_ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(first, o.threshold, shared_ns.above, true);
-    shared_H = shared_ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, shared_ns.P, o, first);
-    result.notes.push_back("IPF and DPA off: C_rr, P and the right factor are shared by all layers");
+    shared_F = shared_ns.dim == 0 ? at::zeros_like(p.tm) : left_factor(p, shared_ns, o, first);
+    shared_RF = at::matmul(p.retain, shared_F.t());
+    result.notes.push_back("IPF and DPA off: C_rr, P and the edit's factor are shared by all layers");
   }
   const auto t1 = std::chrono::steady_clock::now();
 
@@ -277,7 +286,8 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     for_each_layer(layers.size(), o.threads, [&](std::size_t i) {  // phase A
       LayerWork& w = work[i];
       w.W = layer_weight(layers[i], p);
-      at::Tensor ER = at::matmul(Y, w.W.t());
+      w.WL = at::matmul(w.W, p.l.t());
+      at::Tensor ER = at::matmul(RJ, w.WL.t());
       if (o.ipf) {
         const at::Tensor norms = ER.norm(2, {1});
         w.kept = (norms > norms.mean()).nonzero().squeeze(1);
@@ -290,7 +300,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       w.ER = ER;
       if (o.augment > 0) {
         w.v = dpa_direction(w.W);
-        w.Ev = at::matmul(w.W, at::matmul(G, w.v));
+        w.Ev = at::matmul(w.WL, at::matmul(J, w.v));
       }
     });
     if (o.augment > 0)  // phase B: the one random stream, in layer order
@@ -301,27 +311,31 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     LayerWork& w = work[i];
     LayerResult& lr = result.layers[i];
     LayerDiagnostics& g = lr.diag;
-    if (!w.W.defined()) w.W = layer_weight(layers[i], p);
+    if (!w.W.defined()) {
+      w.W = layer_weight(layers[i], p);
+      w.WL = at::matmul(w.W, p.l.t());
+    }
     g.retain_rows = n;
-    at::Tensor H;
+    at::Tensor F, RF;
     if (shared) {
       g.kept_rows = g.rows_used = n;
       g.null_dim = shared_ns.dim, g.eig_below = shared_ns.below, g.eig_above = shared_ns.above;
-      H = shared_H;
+      F = shared_F, RF = shared_RF;
     } else {
       const at::Tensor Rk = R.index_select(0, w.kept);
       g.kept_rows = Rk.size(0);
       g.augmented_rows = w.aug_rows.defined() ? w.aug_rows.size(0) : 0;
       g.rows_used = g.kept_rows + g.augmented_rows;
       SPEED_CHECK(g.kept_rows > 0, "layer '{}': no retain row is left after IPF", layers[i].name);
-      const NullSpace ns = retain_null_space(retain_covariance(Rk, &w), o.threshold, p.eye);
+      const NullSpace ns = retain_null_space(retain_covariance(Rk, &w), o.threshold);
       g.null_dim = ns.dim, g.eig_below = ns.below, g.eig_above = ns.above;
       if (ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(layers[i].name, o.threshold, ns.above, false);
-      H = ns.dim == 0 ? at::zeros({d, d}, p.eye.options()) : right_factor(p, A, ns.P, o, layers[i].name);
+      F = ns.dim == 0 ? at::zeros_like(p.tm) : left_factor(p, ns, o, layers[i].name);
+      RF = at::matmul(p.retain, F.t());
     }
-    lr.delta = at::matmul(w.W, H);
+    lr.delta = at::matmul(w.WL, F);
     SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite", layers[i].name);
-    diagnose(layers[i], w.W, lr.delta, p, g);
+    diagnose(layers[i], w.W, lr.delta, p, g, at::matmul(RF, w.WL.t()).norm(2, {1}));
     w = LayerWork{};  // free this layer's rows early
   });
   const auto t2 = std::chrono::steady_clock::now();
