@@ -214,6 +214,15 @@ RunResult run_erase(const EraseRequest& req) {
     if (!params_edit(eopt.params, l.is_key)) continue;
     const auto& st = ckpt.files.at(l.file).st;
     inputs.push_back({l.canonical, tensor_view(st, st->at(l.source))});
+    // Checked here to name the tensor as the file spells it: a NaN or Inf in W would spread over
+    // the whole edited layer (SPEC §6: refuse, never write a damaged edit).
+    const std::int64_t bad =
+        at::isfinite(inputs.back().weight.to(at::kDouble)).logical_not().sum().item<std::int64_t>();
+    if (bad > 0) {
+      fail_hint("the checkpoint is damaged: re-download or re-convert it",
+                "tensor '{}' of '{}' contains non-finite values ({} NaN or Inf of {}); it cannot be edited",
+                l.source, ckpt.files.at(l.file).path, bad, inputs.back().weight.numel());
+    }
     edited_layers.push_back(&l);
   }
   SPEED_CHECK(!inputs.empty(), "'{}' has no attn2 {} layers to edit", ckpt.path,
@@ -249,7 +258,7 @@ RunResult run_erase(const EraseRequest& req) {
   }
   res.target_residual_mean = sum_t / static_cast<double>(edit.layers.size());
   res.retain_residual_mean = sum_r / static_cast<double>(edit.layers.size());
-  log().info("edit: {} layer(s), null space {}..{} dims, max ‖ΔW‖/‖W‖ {:.3g}, max IEC residual "
+  log().info("edit: {} layer(s), null space {}..{} dims, max |dW|/|W| {:.3g}, max IEC residual "
              "{:.2g} ({:.2f} s)",
              res.layers_edited, res.null_dim_min, res.null_dim_max, res.rel_dw_max,
              res.iec_residual_max, stage_done("edit", sw));
@@ -286,6 +295,8 @@ RunResult run_erase(const EraseRequest& req) {
   sw = Stopwatch();
   out.report_json = embedded_report(report);
   out.extra_metadata.emplace_back("speed_erase.version", kVersion);
+  std::error_code exists_ec;
+  const bool output_existed = fs::exists(fs::symlink_status(out.output, exists_ec));
   res.output = export_edit(ckpt, weights, out);
   log().info("export: {} output '{}', {:.1f} MB ({:.2f} s)", format_name(out.format),
              res.output.path, static_cast<double>(res.output.bytes) / 1e6, stage_done("export", sw));
@@ -314,7 +325,18 @@ RunResult run_erase(const EraseRequest& req) {
   report["timings"] = timings;
   res.report = report;
   res.report_text = report.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
-  if (req.report && *req.report != "-") detail::write_text_atomic(*req.report, res.report_text);
+  if (req.report && *req.report != "-") {
+    try {
+      detail::write_text_atomic(*req.report, res.report_text);
+    } catch (...) {
+      // A failed run leaves no output (SPEC §6): take back what the export wrote. A folder this
+      // run created goes as a whole; in a folder that was there (--force) only our files go.
+      std::error_code ec;
+      if (!output_existed) fs::remove_all(res.output.path, ec);
+      for (const auto& w : res.output.written) fs::remove(w, ec);
+      throw;
+    }
+  }
   return res;
 }
 

@@ -322,6 +322,18 @@ void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited,
                 ckpt.files[file].path, ckpt.path);
     rewrite[rel] = file;
   }
+  // UNet weight files of the folder that this checkpoint does not use (another variant, a .bin
+  // copy): copied unedited they would hand the erased concept back to whoever loads them.
+  std::set<fs::path> unet_used;
+  for (const auto& f : ckpt.files) {
+    if (f.role == "unet") unet_used.insert(fs::path(f.path).lexically_normal().lexically_relative(root));
+  }
+  if (ckpt.unet_index) unet_used.insert(fs::path(*ckpt.unet_index).lexically_normal().lexically_relative(root));
+  auto stale_unet_file = [&](const fs::path& rel) {
+    if (rel.begin() == rel.end() || *rel.begin() != "unet") return false;
+    std::string name = rel.filename().string();
+    return name.rfind("diffusion_pytorch_model", 0) == 0 && unet_used.count(rel) == 0;
+  };
   TempPath tmp(out, true);
   // Copies, not hard links: a hard-linked output would change whenever anything rewrote the
   // input's files in place (and the reverse), defeating "the input is never touched".
@@ -336,6 +348,11 @@ void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited,
       continue;
     }
     if (!it->is_regular_file()) continue;  // sockets, dangling links: nothing a loader reads
+    if (stale_unet_file(rel)) {
+      log().warn("left out '{}': a UNet weight file this run did not read or edit", rel.string());
+      result.skipped.push_back(rel.string());
+      continue;
+    }
     auto rw = rewrite.find(rel);
     if (rw != rewrite.end()) {
       FileEdit& fe = plan[rw->second];

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <memory>
 #include <set>
 
 #include <ATen/ATen.h>
@@ -25,13 +26,6 @@ namespace speed {
 namespace detail {
 
 namespace {
-
-// Temp file + fsync + rename, registered for clean-up on SIGINT/SIGTERM (safetensors module).
-void write_file_atomic(const fs::path& out, const std::vector<char>& bytes, bool overwrite) {
-  AtomicFile f(out.string(), overwrite);
-  f.write(bytes.data(), bytes.size());
-  f.commit();
-}
 
 // The reference writer's tensor order: element size descending, then name (formats.md §1.2).
 void sort_tensors(std::vector<TensorData>& tensors) {
@@ -97,17 +91,31 @@ void export_dict(const Checkpoint& ckpt, const EditedWeights& edited, const Expo
   // A .pt has no metadata map, and a non-tensor entry would break load_state_dict: the report
   // goes to a sidecar file.
   std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  // Both files are written to temp files before either is renamed, and a failure after the
+  // first rename removes it: a failed run (e.g. disk full) leaves neither file behind.
+  AtomicFile pt(out.string(), options.force);
+  pt.write(bytes.data(), bytes.size());
+  std::unique_ptr<AtomicFile> side;
+  fs::path sidecar = out.string() + ".report.json";
   if (!options.report_json.empty()) {
-    fs::path sidecar = out.string() + ".report.json";
-    std::vector<char> json(options.report_json.begin(), options.report_json.end());
-    json.push_back('\n');
-    write_file_atomic(sidecar, json, options.force);
-    result.written.push_back(sidecar.string());
-    result.bytes += json.size();
+    side = std::make_unique<AtomicFile>(sidecar.string(), options.force);
+    side->write(options.report_json.data(), options.report_json.size());
+    side->write("\n", 1);
   }
-  write_file_atomic(out, bytes, options.force);
+  pt.commit();
   result.written.push_back(out.string());
   result.bytes += bytes.size();
+  if (side) {
+    try {
+      side->commit();
+    } catch (...) {
+      std::error_code ec;
+      fs::remove(out, ec);
+      throw;
+    }
+    result.written.push_back(sidecar.string());
+    result.bytes += options.report_json.size() + 1;
+  }
 }
 
 void export_lora(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options,
@@ -159,7 +167,10 @@ void export_lora(const Checkpoint& ckpt, const EditedWeights& edited, const Expo
   md.emplace_back("ss_v2", ckpt.family == Family::SD2 ? "True" : "False");
   md.emplace_back("modelspec.sai_model_spec", "1.0.0");
   md.emplace_back("modelspec.architecture", architecture(ckpt));
-  md.emplace_back("modelspec.implementation", "https://github.com/kohya-ss/sd-scripts");
+  // Which UNet implementation the key names follow (kohya's library/sai_model_spec.py).
+  md.emplace_back("modelspec.implementation", ckpt.family == Family::SDXL
+                                                  ? "https://github.com/Stability-AI/generative-models"
+                                                  : "diffusers");
   md.emplace_back("modelspec.title", fs::path(out).stem().string());
   for (const auto& kv : output_metadata(options)) {
     if (kv.first != "format") md.push_back(kv);

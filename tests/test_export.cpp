@@ -16,6 +16,7 @@
 #include "speed/error.h"
 #include "speed/export.h"
 #include "speed/safetensors.h"
+#include "speed/synth.h"
 #include "speed/tensor.h"
 
 namespace fs = std::filesystem;
@@ -345,4 +346,40 @@ TEST_CASE("export: diffusers folder -> folder with only the UNet file rewritten"
   for (auto& e : fs::directory_iterator(tmp.path)) CHECK(e.path().filename().string()[0] != '.');
   o.output = (model / "inside").string();
   CHECK_THROWS_WITH(prepare_output(ckpt, o), Catch::Contains("inside the input model folder"));
+}
+
+TEST_CASE("export: sharded diffusers UNet, stale variants left out", "[unit]") {
+  TempDir tmp;
+  fs::path model = tmp.path / "sharded";
+  SynthOptions so;
+  so.layout = SynthLayout::Diffusers;
+  so.shards = 3;
+  so.seed = 5;
+  write_synth_checkpoint(model.string(), so);
+  Checkpoint ckpt = open_checkpoint(model.string());
+  REQUIRE(ckpt.unet_index.has_value());
+  // A second UNet copy that this checkpoint does not read (e.g. an old fp16 variant).
+  fs::path unet = model / "unet";
+  fs::path first_shard;
+  for (const auto& f : ckpt.files) {
+    if (f.role == "unet") first_shard = f.path;
+  }
+  fs::copy_file(first_shard, unet / "diffusion_pytorch_model.fp16.safetensors");
+  ckpt = open_checkpoint(model.string());
+  EditedWeights edits = rank2_edits(ckpt);
+  ExportOptions o;
+  ExportResult r = export_edit(ckpt, edits, o);
+  CHECK(r.skipped == std::vector<std::string>{"unet/diffusion_pytorch_model.fp16.safetensors"});
+  CHECK_FALSE(fs::exists(fs::path(r.path) / "unet/diffusion_pytorch_model.fp16.safetensors"));
+  fs::path index_rel = fs::path(*ckpt.unet_index).lexically_relative(model);
+  CHECK(slurp(model / index_rel) == slurp(fs::path(r.path) / index_rel));
+  std::set<std::size_t> edited_files;
+  for (const auto& l : ckpt.kv) edited_files.insert(l.file);
+  CHECK(r.written.size() == edited_files.size());
+  Checkpoint out = open_checkpoint(r.path);
+  REQUIRE(out.kv.size() == ckpt.kv.size());
+  for (const auto& l : out.kv) {
+    at::Tensor got = load_tensor(out.files[l.file].st, out.file(l.file).at(l.source), at::kDouble);
+    CHECK(at::equal(got, to_stored_dtype(edits.at(l.canonical), l.dtype).to(at::kDouble)));
+  }
 }

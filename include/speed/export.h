@@ -63,6 +63,7 @@ struct ExportResult {
   std::string path;                  // the output file or folder
   std::vector<std::string> written;  // files written (not copied)
   std::vector<std::string> copied;   // files copied unchanged (diffusers full)
+  std::vector<std::string> skipped;  // diffusers full: other UNet variants left out (relative)
   std::uint64_t bytes = 0;           // bytes written + copied
   int ema_edited = 0;
   int ema_dropped = 0;
