@@ -132,7 +132,7 @@ void collect_unet(Checkpoint& ck, const std::vector<std::size_t>& files, FamilyV
   });
 
   // Pairs: every to_k has its to_v with the same shape; one context width everywhere.
-  for (std::size_t i = 0; i < entries.size(); ++i) {
+  for (std::size_t i = 0; i < entries.size(); i += 2) {
     const auto& e = entries[i];
     std::string block = e.layer.canonical.substr(0, e.layer.canonical.size() - std::strlen("to_k.weight"));
     bool paired = e.key.is_key && i + 1 < entries.size() && !entries[i + 1].key.is_key &&
@@ -144,7 +144,6 @@ void collect_unet(Checkpoint& ck, const std::vector<std::size_t>& files, FamilyV
     const auto& v = entries[i + 1].layer;
     SPEED_CHECK(v.out == e.layer.out && v.in == e.layer.in, "tensor '{}' has shape [{}, {}], expected [{}, {}] (as '{}')",
                 v.source, v.out, v.in, e.layer.out, e.layer.in, e.layer.source);
-    ++i;
   }
   ck.context_dim = entries.front().layer.in;
   for (const auto& e : entries) {
