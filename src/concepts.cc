@@ -31,8 +31,9 @@ void check_utf8(std::string_view data, const std::string& label) {
   if (is_valid_utf8(data, &off)) return;
   std::size_t line = 1;
   for (std::size_t i = 0; i < off; ++i) line += data[i] == '\n';
-  throw Error(fmt::format("file '{}' line {} is not valid UTF-8 (byte offset {})", label, line, off),
-              "save the file as UTF-8");
+  throw Error(
+      fmt::format("file '{}' line {} is not valid UTF-8 (byte offset {})", label, line, off),
+      "save the file as UTF-8");
 }
 
 std::string_view strip_bom(std::string_view data) {
@@ -42,7 +43,8 @@ std::string_view strip_bom(std::string_view data) {
 bool ends_with_ci(std::string_view s, std::string_view suffix) {
   if (s.size() < suffix.size()) return false;
   for (std::size_t i = 0; i < suffix.size(); ++i)
-    if (std::tolower(static_cast<unsigned char>(s[s.size() - suffix.size() + i])) != suffix[i]) return false;
+    if (std::tolower(static_cast<unsigned char>(s[s.size() - suffix.size() + i])) != suffix[i])
+      return false;
   return true;
 }
 
@@ -74,13 +76,17 @@ SourceSpec parse_source_spec(const std::string& spec, bool (*exists)(const std::
     s.where_key = tail->substr(0, eq);
     s.where_value = tail->substr(eq + 1);
     if (s.where_key->empty())
-      throw UsageError(fmt::format("source '{}': the row filter '{}' has no column name, expected KEY=VALUE", spec, *tail));
+      throw UsageError(fmt::format(
+          "source '{}': the row filter '{}' has no column name, expected KEY=VALUE", spec, *tail));
     tail = split_last(head);
-    if (!tail) throw UsageError(fmt::format("source '{}': a row filter needs FILE.csv:COLUMN:KEY=VALUE", spec));
+    if (!tail)
+      throw UsageError(
+          fmt::format("source '{}': a row filter needs FILE.csv:COLUMN:KEY=VALUE", spec));
   }
   s.column = *tail;
   s.path = head;
-  if (s.column->empty()) throw UsageError(fmt::format("source '{}' has an empty column name", spec));
+  if (s.column->empty())
+    throw UsageError(fmt::format("source '{}' has an empty column name", spec));
   return s;
 }
 
@@ -95,7 +101,8 @@ std::vector<ConceptEntry> parse_concept_text(std::string_view data, const std::s
     std::string_view line = data.substr(0, nl);
     data = nl == std::string_view::npos ? std::string_view{} : data.substr(nl + 1);
     if (line.size() > kMaxConceptLineBytes)
-      fail("file '{}' line {} is {} bytes long, the limit is {}", label, line_no, line.size(), kMaxConceptLineBytes);
+      fail("file '{}' line {} is {} bytes long, the limit is {}", label, line_no, line.size(),
+           kMaxConceptLineBytes);
     line = trim(line);
     if (line.empty() || line.front() == '#') continue;
     ConceptEntry e;
@@ -103,12 +110,15 @@ std::vector<ConceptEntry> parse_concept_text(std::string_view data, const std::s
     if (const auto arrow = line.find("=>"); arrow != std::string_view::npos) {
       e.text = std::string(trim(line.substr(0, arrow)));
       e.anchor = std::string(trim(line.substr(arrow + 2)));
-      SPEED_CHECK(e.anchor->find("=>") == std::string::npos, "file '{}' line {} has more than one '=>'", label, line_no);
+      SPEED_CHECK(e.anchor->find("=>") == std::string::npos,
+                  "file '{}' line {} has more than one '=>'", label, line_no);
     } else {
       e.text = std::string(line);
     }
-    SPEED_CHECK(!e.text.empty(), "file '{}' line {} has an anchor but no target before '=>'", label, line_no);
-    SPEED_CHECK(out.size() < kMaxConcepts, "file '{}' has more than {} concepts", label, kMaxConcepts);
+    SPEED_CHECK(!e.text.empty(), "file '{}' line {} has an anchor but no target before '=>'", label,
+                line_no);
+    SPEED_CHECK(out.size() < kMaxConcepts, "file '{}' has more than {} concepts", label,
+                kMaxConcepts);
     out.push_back(std::move(e));
   }
   return out;
@@ -131,7 +141,8 @@ CsvTable parse_csv(std::string_view data, const std::string& label) {
       if (i < data.size() && data[i] == '"') {
         ++i;
         for (;;) {
-          if (i >= data.size()) fail("file '{}' line {}: a quoted field is not closed", label, rec_line);
+          if (i >= data.size())
+            fail("file '{}' line {}: a quoted field is not closed", label, rec_line);
           const char c = data[i++];
           if (c == '"') {
             if (i < data.size() && data[i] == '"') {
@@ -149,14 +160,17 @@ CsvTable parse_csv(std::string_view data, const std::string& label) {
           fail("file '{}' line {}: unexpected character after a closing quote", label, line);
       } else {
         while (i < data.size() && data[i] != ',' && data[i] != '\n' && data[i] != '\r') {
-          if (data[i] == '"') fail("file '{}' line {}: a quote inside an unquoted field", label, line);
+          if (data[i] == '"')
+            fail("file '{}' line {}: a quote inside an unquoted field", label, line);
           field += data[i++];
         }
       }
       if (i - rec_start > kMaxConceptLineBytes)
-        fail("file '{}' line {}: the record is longer than the limit of {} bytes", label, rec_line, kMaxConceptLineBytes);
+        fail("file '{}' line {}: the record is longer than the limit of {} bytes", label, rec_line,
+             kMaxConceptLineBytes);
       row.push_back(field);
-      if (row.size() > kMaxCsvColumns) fail("file '{}' line {} has more than {} fields", label, rec_line, kMaxCsvColumns);
+      if (row.size() > kMaxCsvColumns)
+        fail("file '{}' line {} has more than {} fields", label, rec_line, kMaxCsvColumns);
       if (i < data.size() && data[i] == ',') {
         ++i;
         continue;
@@ -170,13 +184,16 @@ CsvTable parse_csv(std::string_view data, const std::string& label) {
       t.header = row;
       std::unordered_set<std::string> seen;
       for (const auto& h : t.header)
-        SPEED_CHECK(seen.insert(h).second, "file '{}': the header names column '{}' twice", label, h);
+        SPEED_CHECK(seen.insert(h).second, "file '{}': the header names column '{}' twice", label,
+                    h);
       continue;
     }
     if (row.size() == 1 && row[0].empty()) continue;  // a blank line
     if (row.size() != t.header.size())
-      fail("file '{}' line {} has {} fields, expected {} (as the header)", label, rec_line, row.size(), t.header.size());
-    SPEED_CHECK(t.rows.size() < kMaxConcepts, "file '{}' has more than {} rows", label, kMaxConcepts);
+      fail("file '{}' line {} has {} fields, expected {} (as the header)", label, rec_line,
+           row.size(), t.header.size());
+    SPEED_CHECK(t.rows.size() < kMaxConcepts, "file '{}' has more than {} rows", label,
+                kMaxConcepts);
     t.rows.push_back(row);
     t.row_lines.push_back(rec_line);
   }
@@ -184,13 +201,15 @@ CsvTable parse_csv(std::string_view data, const std::string& label) {
   return t;
 }
 
-std::vector<ConceptEntry> csv_column(const CsvTable& t, const std::string& label, const std::string& column,
+std::vector<ConceptEntry> csv_column(const CsvTable& t, const std::string& label,
+                                     const std::string& column,
                                      const std::optional<std::string>& where_key,
                                      const std::optional<std::string>& where_value) {
   auto index_of = [&](const std::string& name) {
     for (std::size_t c = 0; c < t.header.size(); ++c)
       if (t.header[c] == name) return c;
-    throw UsageError(fmt::format("file '{}' has no column '{}' (columns: {})", label, name, fmt::join(t.header, ", ")));
+    throw UsageError(fmt::format("file '{}' has no column '{}' (columns: {})", label, name,
+                                 fmt::join(t.header, ", ")));
   };
   const std::size_t col = index_of(column);
   const std::size_t key = where_key ? index_of(*where_key) : 0;
@@ -200,7 +219,8 @@ std::vector<ConceptEntry> csv_column(const CsvTable& t, const std::string& label
     if (where_key && t.rows[r][key] != where_value.value_or("")) continue;
     const std::string& v = t.rows[r][col];
     if (!seen.insert(v).second) continue;
-    out.push_back({v, std::nullopt, fmt::format("file '{}' column '{}' line {}", label, column, t.row_lines[r])});
+    out.push_back({v, std::nullopt,
+                   fmt::format("file '{}' column '{}' line {}", label, column, t.row_lines[r])});
   }
   return out;
 }
@@ -217,7 +237,8 @@ std::string resolve_data_path(const std::string& path, const std::optional<std::
   return path;
 }
 
-std::vector<ConceptEntry> read_source(const std::string& spec_text, const std::optional<std::string>& data_dir) {
+std::vector<ConceptEntry> read_source(const std::string& spec_text,
+                                      const std::optional<std::string>& data_dir) {
   // The whole spec may itself name a file (paths may contain ':'), also inside the data dir.
   const std::string whole = resolve_data_path(spec_text, data_dir);
   SourceSpec spec = parse_source_spec(whole);
@@ -227,22 +248,26 @@ std::vector<ConceptEntry> read_source(const std::string& spec_text, const std::o
       const CsvTable t = parse_csv(data, spec.path);
       for (const auto& h : t.header)
         if (h == "concept") return csv_column(t, spec.path, "concept");
-      throw UsageError(fmt::format("csv file '{}' needs a column: '{}:COLUMN' (columns: {})", spec.path, spec.path,
-                                   fmt::join(t.header, ", ")));
+      throw UsageError(fmt::format("csv file '{}' needs a column: '{}:COLUMN' (columns: {})",
+                                   spec.path, spec.path, fmt::join(t.header, ", ")));
     }
     return parse_concept_text(data, spec.path);
   }
   spec.path = resolve_data_path(spec.path, data_dir);
   const std::string data = detail::read_file_limited(spec.path);
-  return csv_column(parse_csv(data, spec.path), spec.path, *spec.column, spec.where_key, spec.where_value);
+  return csv_column(parse_csv(data, spec.path), spec.path, *spec.column, spec.where_key,
+                    spec.where_value);
 }
 
-ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets, const std::vector<std::string>& anchors,
+ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets,
+                             const std::vector<std::string>& anchors,
                              const std::vector<std::vector<ConceptEntry>>& retain_sources) {
   ConceptSet s;
   if (targets.empty())
-    throw UsageError("no target concept", "give --concepts FILE, --concept TEXT or a preset with targets");
-  if (targets.size() > kMaxConcepts) fail("{} target concepts, the limit is {}", targets.size(), kMaxConcepts);
+    throw UsageError("no target concept",
+                     "give --concepts FILE, --concept TEXT or a preset with targets");
+  if (targets.size() > kMaxConcepts)
+    fail("{} target concepts, the limit is {}", targets.size(), kMaxConcepts);
   std::unordered_map<std::string, std::size_t> seen;  // lower-cased: the tokenizer lower-cases
   bool per_line = false;
   for (std::size_t i = 0; i < targets.size(); ++i) {
@@ -260,16 +285,22 @@ ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets, const std
   }
   const std::size_t n = targets.size();
   if (anchors.size() > 1 && anchors.size() != n)
-    throw UsageError(fmt::format("{} anchors for {} targets, expected 1 or {}", anchors.size(), n, n),
-                     "give one --anchor for all targets or one per target, in order");
+    throw UsageError(
+        fmt::format("{} anchors for {} targets, expected 1 or {}", anchors.size(), n, n),
+        "give one --anchor for all targets or one per target, in order");
   if (anchors.size() > 1 && per_line)
-    throw UsageError("anchors are given both per line ('target => anchor') and as a list of --anchor",
-                     "use one way: per-line anchors with at most one --anchor for the other targets");
+    throw UsageError(
+        "anchors are given both per line ('target => anchor') and as a list of --anchor",
+        "use one way: per-line anchors with at most one --anchor for the other targets");
   for (std::size_t i = 0; i < n; ++i) {
-    if (targets[i].anchor) s.anchors.push_back(*targets[i].anchor);
-    else if (anchors.size() == n) s.anchors.push_back(anchors[i]);
-    else s.anchors.push_back(anchors.empty() ? std::string() : anchors[0]);
-    SPEED_CHECK(is_valid_utf8(s.anchors.back()), "anchor of target '{}' is not valid UTF-8", s.targets[i]);
+    if (targets[i].anchor)
+      s.anchors.push_back(*targets[i].anchor);
+    else if (anchors.size() == n)
+      s.anchors.push_back(anchors[i]);
+    else
+      s.anchors.push_back(anchors.empty() ? std::string() : anchors[0]);
+    SPEED_CHECK(is_valid_utf8(s.anchors.back()), "anchor of target '{}' is not valid UTF-8",
+                s.targets[i]);
   }
 
   s.has_retain_source = !retain_sources.empty();
@@ -298,18 +329,23 @@ ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets, const std
   if (s.has_retain_source) {
     SPEED_CHECK(s.retain_unique > 0, "the retain sources have no texts");
     if (s.retain.empty())
-      throw Error(fmt::format("every one of the {} retain texts contains a target as a whole word; "
-                              "the retain set is empty",
-                              s.retain_unique),
-                  "give retain texts that do not mention the targets, or no --retain (the empty prompt)");
+      throw Error(
+          fmt::format("every one of the {} retain texts contains a target as a whole word; "
+                      "the retain set is empty",
+                      s.retain_unique),
+          "give retain texts that do not mention the targets, or no --retain (the empty prompt)");
     if (s.retain_total != s.retain_unique)
       s.notes.push_back(fmt::format("retain: {} duplicate texts removed ({} read, {} unique)",
-                                    s.retain_total - s.retain_unique, s.retain_total, s.retain_unique));
+                                    s.retain_total - s.retain_unique, s.retain_total,
+                                    s.retain_unique));
     if (whitespace_twins)
-      s.notes.push_back(fmt::format("retain: {} texts differ from another only in surrounding whitespace "
-                                    "(kept, as the reference does)", whitespace_twins));
+      s.notes.push_back(
+          fmt::format("retain: {} texts differ from another only in surrounding whitespace "
+                      "(kept, as the reference does)",
+                      whitespace_twins));
     if (!s.dropped.empty())
-      s.notes.push_back(fmt::format("retain: {} texts containing a target were removed", s.dropped.size()));
+      s.notes.push_back(
+          fmt::format("retain: {} texts containing a target were removed", s.dropped.size()));
   } else {
     s.notes.push_back("no retain source: R is the empty prompt (rows 1..76)");
   }

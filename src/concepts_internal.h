@@ -14,7 +14,8 @@ extern const std::uint32_t kWordRanges[];
 extern const std::uint32_t kCasedRanges[];
 extern const std::uint32_t kCaseIgnorableRanges[];
 extern const std::int32_t kLowerRuns[];
-extern const std::size_t kWordRangeCount, kCasedRangeCount, kCaseIgnorableRangeCount, kLowerRunCount;
+extern const std::size_t kWordRangeCount, kCasedRangeCount, kCaseIgnorableRangeCount,
+    kLowerRunCount;
 
 bool in_ranges(const std::uint32_t* ranges, std::size_t count, std::uint32_t cp);
 inline bool is_word_char(std::uint32_t cp) { return in_ranges(kWordRanges, kWordRangeCount, cp); }

@@ -70,12 +70,14 @@ const char* type_name(const nlohmann::json& v) {
   return "null";
 }
 
-[[noreturn]] void wrong_type(const std::string& label, const std::string& key, const nlohmann::json& v,
-                             const char* expected) {
-  throw UsageError(fmt::format("preset '{}': key '{}' is {}, expected {}", label, key, type_name(v), expected));
+[[noreturn]] void wrong_type(const std::string& label, const std::string& key,
+                             const nlohmann::json& v, const char* expected) {
+  throw UsageError(
+      fmt::format("preset '{}': key '{}' is {}, expected {}", label, key, type_name(v), expected));
 }
 
-std::vector<std::string> strings(const std::string& label, const std::string& key, const nlohmann::json& v) {
+std::vector<std::string> strings(const std::string& label, const std::string& key,
+                                 const nlohmann::json& v) {
   if (v.is_string()) return {v.get<std::string>()};
   if (!v.is_array()) wrong_type(label, key, v, "a string or an array of strings");
   std::vector<std::string> out;
@@ -101,7 +103,8 @@ std::optional<std::string> builtin_preset_json(std::string_view name) {
 }
 
 Preset parse_preset(std::string_view text, const std::string& label) {
-  SPEED_CHECK(text.size() <= kMaxPresetBytes, "preset '{}' is larger than {} bytes", label, kMaxPresetBytes);
+  SPEED_CHECK(text.size() <= kMaxPresetBytes, "preset '{}' is larger than {} bytes", label,
+              kMaxPresetBytes);
   SPEED_CHECK(is_valid_utf8(text), "preset '{}' is not valid UTF-8", label);
   nlohmann::json j;
   try {
@@ -109,7 +112,8 @@ Preset parse_preset(std::string_view text, const std::string& label) {
   } catch (const nlohmann::json::exception& e) {
     throw UsageError(fmt::format("preset '{}' is not valid JSON: {}", label, e.what()));
   }
-  if (!j.is_object()) throw UsageError(fmt::format("preset '{}' is {}, expected a JSON object", label, type_name(j)));
+  if (!j.is_object())
+    throw UsageError(fmt::format("preset '{}' is {}, expected a JSON object", label, type_name(j)));
   Preset p;
   p.name = label;
   p.source = label;
@@ -132,33 +136,56 @@ Preset parse_preset(std::string_view text, const std::string& label) {
       if (!v.is_string()) wrong_type(label, k, v, "a string");
       out = v.get<std::string>();
     };
-    if (k == "description") str(p.description);
-    else if (k == "concepts") p.concept_sources = strings(label, k, v);
-    else if (k == "concept") p.concept_texts = strings(label, k, v);
-    else if (k == "anchor") p.anchor = strings(label, k, v);
-    else if (k == "retain") p.retain = strings(label, k, v);
-    else if (k == "method") str(p.method);
-    else if (k == "params") str(p.params);
-    else if (k == "augment") integer(p.augment);
-    else if (k == "iec-clusters") integer(p.iec_clusters);
-    else if (k == "seed") integer(p.seed);
-    else if (k == "threshold") num(p.threshold);
-    else if (k == "retain-scale") num(p.retain_scale);
-    else if (k == "lambda") num(p.lambda);
-    else if (k == "lamb") num(p.lamb);
-    else if (k == "erase-scale") num(p.erase_scale);
-    else if (k == "preserve-scale") num(p.preserve_scale);
-    else if (k == "no-filter") boolean(p.no_filter);
-    else if (k == "no-iec") boolean(p.no_iec);
-    else if (k == "all-tokens") boolean(p.all_tokens);
-    else if (k == "allow-empty-null-space") boolean(p.allow_empty_null_space);
+    if (k == "description")
+      str(p.description);
+    else if (k == "concepts")
+      p.concept_sources = strings(label, k, v);
+    else if (k == "concept")
+      p.concept_texts = strings(label, k, v);
+    else if (k == "anchor")
+      p.anchor = strings(label, k, v);
+    else if (k == "retain")
+      p.retain = strings(label, k, v);
+    else if (k == "method")
+      str(p.method);
+    else if (k == "params")
+      str(p.params);
+    else if (k == "augment")
+      integer(p.augment);
+    else if (k == "iec-clusters")
+      integer(p.iec_clusters);
+    else if (k == "seed")
+      integer(p.seed);
+    else if (k == "threshold")
+      num(p.threshold);
+    else if (k == "retain-scale")
+      num(p.retain_scale);
+    else if (k == "lambda")
+      num(p.lambda);
+    else if (k == "lamb")
+      num(p.lamb);
+    else if (k == "erase-scale")
+      num(p.erase_scale);
+    else if (k == "preserve-scale")
+      num(p.preserve_scale);
+    else if (k == "no-filter")
+      boolean(p.no_filter);
+    else if (k == "no-iec")
+      boolean(p.no_iec);
+    else if (k == "all-tokens")
+      boolean(p.all_tokens);
+    else if (k == "allow-empty-null-space")
+      boolean(p.allow_empty_null_space);
     else
       throw UsageError(fmt::format("preset '{}' has an unknown key '{}'", label, k),
-                       "keys are the long option names: concepts, concept, anchor, retain, method, params, augment, "
-                       "threshold, retain-scale, lambda, no-filter, iec-clusters, no-iec, all-tokens, seed, lamb, "
+                       "keys are the long option names: concepts, concept, anchor, retain, method, "
+                       "params, augment, "
+                       "threshold, retain-scale, lambda, no-filter, iec-clusters, no-iec, "
+                       "all-tokens, seed, lamb, "
                        "erase-scale, preserve-scale, allow-empty-null-space, description");
   }
-  if (p.seed && *p.seed < 0) throw UsageError(fmt::format("preset '{}': key 'seed' is {}, expected >= 0", label, *p.seed));
+  if (p.seed && *p.seed < 0)
+    throw UsageError(fmt::format("preset '{}': key 'seed' is {}, expected >= 0", label, *p.seed));
   return p;
 }
 

@@ -15,9 +15,12 @@ bool in_ranges(const std::uint32_t* ranges, std::size_t count, std::uint32_t cp)
   std::size_t lo = 0, hi = count;  // binary search over [first, last] pairs
   while (lo < hi) {
     const std::size_t mid = (lo + hi) / 2;
-    if (cp < ranges[2 * mid]) hi = mid;
-    else if (cp > ranges[2 * mid + 1]) lo = mid + 1;
-    else return true;
+    if (cp < ranges[2 * mid])
+      hi = mid;
+    else if (cp > ranges[2 * mid + 1])
+      lo = mid + 1;
+    else
+      return true;
   }
   return false;
 }
@@ -55,8 +58,9 @@ void append_utf8(std::string& out, std::uint32_t cp) {
 
 std::string read_file_limited(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) fail_hint("check the path, or set --data-dir / $SPEED_ERASE_DATA for the paper's data files",
-                    "cannot open '{}'", path);
+  if (!f)
+    fail_hint("check the path, or set --data-dir / $SPEED_ERASE_DATA for the paper's data files",
+              "cannot open '{}'", path);
   std::string data;
   char buf[65536];
   std::size_t got;
@@ -80,12 +84,15 @@ std::uint32_t lower_cp(std::uint32_t cp) {
   std::size_t lo = 0, hi = kLowerRunCount;
   while (lo < hi) {
     const std::size_t mid = (lo + hi) / 2;
-    if (static_cast<std::uint32_t>(kLowerRuns[4 * mid]) <= cp) lo = mid + 1;
-    else hi = mid;
+    if (static_cast<std::uint32_t>(kLowerRuns[4 * mid]) <= cp)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo == 0) return cp;
   const std::int32_t* r = kLowerRuns + 4 * (lo - 1);
-  const std::uint32_t first = static_cast<std::uint32_t>(r[0]), count = static_cast<std::uint32_t>(r[1]),
+  const std::uint32_t first = static_cast<std::uint32_t>(r[0]),
+                      count = static_cast<std::uint32_t>(r[1]),
                       stride = static_cast<std::uint32_t>(r[2]);
   const std::uint32_t off = cp - first;
   if (off % stride != 0 || off / stride >= count) return cp;
@@ -106,11 +113,16 @@ bool is_valid_utf8(std::string_view s, std::size_t* error_offset) {
     const auto b = static_cast<unsigned char>(s[i]);
     std::size_t len;
     std::uint32_t min;
-    if (b < 0x80) len = 1, min = 0;
-    else if ((b >> 5) == 6) len = 2, min = 0x80;
-    else if ((b >> 4) == 14) len = 3, min = 0x800;
-    else if ((b >> 3) == 30) len = 4, min = 0x10000;
-    else len = 0, min = 0;
+    if (b < 0x80)
+      len = 1, min = 0;
+    else if ((b >> 5) == 6)
+      len = 2, min = 0x80;
+    else if ((b >> 4) == 14)
+      len = 3, min = 0x800;
+    else if ((b >> 3) == 30)
+      len = 4, min = 0x10000;
+    else
+      len = 0, min = 0;
     bool ok = len > 0 && i + len <= s.size();
     std::uint32_t cp = len == 1 ? b : len == 2 ? (b & 0x1F) : len == 3 ? (b & 0x0F) : (b & 0x07);
     for (std::size_t k = 1; ok && k < len; ++k) {
@@ -181,10 +193,13 @@ bool contains_whole_word(std::string_view text, std::string_view word) {
   auto boundary = [&](std::size_t pos) { return word_before(pos) != word_at(pos); };
   if (word.empty()) {  // r'\b\b': any boundary
     for (std::size_t pos = 0; pos <= text.size(); ++pos)
-      if ((pos == text.size() || (static_cast<unsigned char>(text[pos]) & 0xC0) != 0x80) && boundary(pos)) return true;
+      if ((pos == text.size() || (static_cast<unsigned char>(text[pos]) & 0xC0) != 0x80) &&
+          boundary(pos))
+        return true;
     return false;
   }
-  for (std::size_t pos = text.find(word); pos != std::string_view::npos; pos = text.find(word, pos + 1)) {
+  for (std::size_t pos = text.find(word); pos != std::string_view::npos;
+       pos = text.find(word, pos + 1)) {
     if ((static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) continue;  // not a code point start
     if (boundary(pos) && boundary(pos + word.size())) return true;
   }

@@ -16,9 +16,12 @@ const char* method_name(EditMethod m) { return m == EditMethod::Speed ? "speed" 
 
 const char* params_name(EditParams p) {
   switch (p) {
-    case EditParams::V: return "v";
-    case EditParams::K: return "k";
-    case EditParams::KV: return "kv";
+    case EditParams::V:
+      return "v";
+    case EditParams::K:
+      return "k";
+    case EditParams::KV:
+      return "kv";
   }
   return "?";
 }
@@ -45,8 +48,10 @@ void validate_options(const EraseOptions& o) {
     throw UsageError(fmt::format("option '--{}' is {}, expected {}", opt, v, expected));
   };
   if (o.augment < 0 || o.augment > 1000) bad("augment", o.augment, "0..1000");
-  if (!(o.threshold > 0) || !std::isfinite(o.threshold)) bad("threshold", o.threshold, "a positive number");
-  if (!(o.retain_scale >= 0) || !std::isfinite(o.retain_scale)) bad("retain-scale", o.retain_scale, ">= 0");
+  if (!(o.threshold > 0) || !std::isfinite(o.threshold))
+    bad("threshold", o.threshold, "a positive number");
+  if (!(o.retain_scale >= 0) || !std::isfinite(o.retain_scale))
+    bad("retain-scale", o.retain_scale, ">= 0");
   if (!(o.lambda >= 0) || !std::isfinite(o.lambda)) bad("lambda", o.lambda, ">= 0");
   if (o.iec_clusters < 0 || o.iec_clusters > 76) bad("iec-clusters", o.iec_clusters, "0..76");
   if (!(o.uce_lamb >= 0) || !std::isfinite(o.uce_lamb)) bad("lamb", o.uce_lamb, ">= 0");
@@ -56,7 +61,8 @@ void validate_options(const EraseOptions& o) {
     bad("preserve-scale", o.uce_preserve_scale, ">= 0");
   if (o.threads < 0 || o.threads > 1024) bad("threads", o.threads, "0..1024");
   if (o.device != "cpu" && o.device != "cuda")
-    throw UsageError(fmt::format("device '{}' is not supported here, expected 'cpu' or 'cuda'", o.device));
+    throw UsageError(
+        fmt::format("device '{}' is not supported here, expected 'cpu' or 'cuda'", o.device));
 }
 
 at::Tensor apply_delta(const at::Tensor& weight, const at::Tensor& delta) {
@@ -108,7 +114,8 @@ KMeansResult kmeans(const at::Tensor& x_in, int k, int max_iter, double tol) {
     double shift = 0;
     for (int j = 0; j < k; ++j) {
       double s = 0;
-      for (std::int64_t t = 0; t < d; ++t) s += (c[j * d + t] - prev[j * d + t]) * (c[j * d + t] - prev[j * d + t]);
+      for (std::int64_t t = 0; t < d; ++t)
+        s += (c[j * d + t] - prev[j * d + t]) * (c[j * d + t] - prev[j * d + t]);
       shift += std::sqrt(s);
     }
     if (shift * shift < tol) break;
@@ -136,14 +143,16 @@ at::Tensor invariants_k2(const at::Tensor& empty, int k, KMeansResult* kmeans_ou
 TargetCovariances target_covariances(const at::Tensor& targets, const at::Tensor& anchors) {
   SPEED_CHECK(targets.dim() == 2 || targets.dim() == 3,
               "targets have shape {}, expected [N, d] or [N, 76, d]", targets.sizes());
-  SPEED_CHECK(anchors.sizes() == targets.sizes(), "anchors have shape {}, expected {} (as the targets)",
-              anchors.sizes(), targets.sizes());
+  SPEED_CHECK(anchors.sizes() == targets.sizes(),
+              "anchors have shape {}, expected {} (as the targets)", anchors.sizes(),
+              targets.sizes());
   const std::int64_t n = targets.size(0), d = targets.size(-1);
   SPEED_CHECK(n > 0, "no target rows");
   at::Tensor t = targets.to(at::kDouble).reshape({-1, d});
   at::Tensor a = anchors.to(at::kDouble).reshape({-1, d});
   // Σ_i Σ_t e_itᵀ e_it / N: each target's 76 rows are summed, then the mean over targets.
-  return {at::matmul(t.t(), t) / static_cast<double>(n), at::matmul(a.t(), t) / static_cast<double>(n)};
+  return {at::matmul(t.t(), t) / static_cast<double>(n),
+          at::matmul(a.t(), t) / static_cast<double>(n)};
 }
 
 namespace detail {
@@ -166,7 +175,7 @@ void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW
   g.iec_residual = wk > 0 ? fro(at::matmul(dW, p.k2)) / wk : 0;
 
   // Targets: ‖W' e_i − W e*_i‖ / ‖W e_i − W e*_i‖ with e_i [T, d] (T = 1 or 76).
-  const at::Tensor We = at::matmul(p.targets, W.t());   // [N, T, out]
+  const at::Tensor We = at::matmul(p.targets, W.t());  // [N, T, out]
   const at::Tensor Wa = at::matmul(p.anchors, W.t());
   const at::Tensor dWe = at::matmul(p.targets, dW.t());
   const at::Tensor num = (We + dWe - Wa).flatten(1).norm(2, {1}).cpu();
@@ -182,7 +191,8 @@ void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW
   // The denominators ‖W r‖ in float32 (relative error ~1e-7, the cost of one n×d×out product);
   // the numerators ‖ΔW r‖, which are ~1e-13 for an exact null space, stay float64.
   const at::Tensor wr = at::matmul(p.retain32, W.to(at::kFloat).t()).norm(2, {1}).to(at::kDouble);
-  const at::Tensor dr = dw_r_norms.defined() ? dw_r_norms : at::matmul(p.retain, dW.t()).norm(2, {1});
+  const at::Tensor dr =
+      dw_r_norms.defined() ? dw_r_norms : at::matmul(p.retain, dW.t()).norm(2, {1});
   const at::Tensor ok = wr > 0;
   const at::Tensor ratio = dr.masked_select(ok) / wr.masked_select(ok);
   if (ratio.numel() > 0) {
@@ -201,12 +211,14 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
   const std::int64_t d = sets.empty.size(1);
   SPEED_CHECK(sets.targets.defined() && sets.anchors.defined(), "targets and anchors are required");
   const std::int64_t want_dim = o.all_tokens ? 3 : 2;
-  SPEED_CHECK(sets.targets.dim() == want_dim && sets.targets.size(-1) == d &&
-                  (!o.all_tokens || sets.targets.size(1) == 76),
-              "targets have shape {}, expected {}", sets.targets.sizes(),
-              o.all_tokens ? fmt::format("[N, 76, {}] (all-tokens mode)", d) : fmt::format("[N, {}]", d));
+  SPEED_CHECK(
+      sets.targets.dim() == want_dim && sets.targets.size(-1) == d &&
+          (!o.all_tokens || sets.targets.size(1) == 76),
+      "targets have shape {}, expected {}", sets.targets.sizes(),
+      o.all_tokens ? fmt::format("[N, 76, {}] (all-tokens mode)", d) : fmt::format("[N, {}]", d));
   SPEED_CHECK(sets.anchors.sizes() == sets.targets.sizes(),
-              "anchors have shape {}, expected {} (as the targets)", sets.anchors.sizes(), sets.targets.sizes());
+              "anchors have shape {}, expected {} (as the targets)", sets.anchors.sizes(),
+              sets.targets.sizes());
   p.targets = sets.targets.to(p.device, at::kDouble);
   p.anchors = sets.anchors.to(p.device, at::kDouble);
   if (!o.all_tokens) {  // uniform [N, 1, d] so that the diagnostics treat both modes alike
@@ -222,8 +234,8 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
   p.cat = cov.cat;
 
   if (sets.retain.defined() && sets.retain.numel() > 0) {
-    SPEED_CHECK(sets.retain.dim() == 2 && sets.retain.size(1) == d, "retain rows have shape {}, expected [n, {}]",
-                sets.retain.sizes(), d);
+    SPEED_CHECK(sets.retain.dim() == 2 && sets.retain.size(1) == d,
+                "retain rows have shape {}, expected [n, {}]", sets.retain.sizes(), d);
     p.retain = sets.retain.to(p.device, at::kDouble);
     check_finite(p.retain, "retain embeddings");
   } else {
@@ -254,16 +266,19 @@ namespace {
 
 // UCE (SPEC §1.6): W' = (λW + s_e Σ W e*ᵀe + s_p Σ W rᵀr)(λI + s_e Σ eᵀe + s_p Σ rᵀr)⁻¹, i.e.
 // ΔW = W · s_e (Σ e*ᵀe − Σ eᵀe) D⁻¹ with D the right factor: one d×d solve shared by all layers.
-EditResult edit_uce(const EmbeddingSets& sets, const std::vector<LayerInput>& layers, const EraseOptions& o) {
+EditResult edit_uce(const EmbeddingSets& sets, const std::vector<LayerInput>& layers,
+                    const EraseOptions& o) {
   EditResult result;
   const auto t0 = std::chrono::steady_clock::now();
   detail::Prepared p = detail::prepare(sets, o, result);
   const double n = static_cast<double>(p.targets.size(0));
   const at::Tensor ctt_sum = p.ctt * n, cat_sum = p.cat * n;
   const at::Tensor crr_sum = at::matmul(p.retain.t(), p.retain);
-  const at::Tensor D = o.uce_lamb * p.eye + o.uce_erase_scale * ctt_sum + o.uce_preserve_scale * crr_sum;
+  const at::Tensor D =
+      o.uce_lamb * p.eye + o.uce_erase_scale * ctt_sum + o.uce_preserve_scale * crr_sum;
   // G = s_e (Cat − Ctt) D⁻¹ = (D⁻¹ s_e (Cat − Ctt)ᵀ)ᵀ since D is symmetric.
-  const at::Tensor G = at::linalg_solve(D, (o.uce_erase_scale * (cat_sum - ctt_sum)).t()).t().contiguous();
+  const at::Tensor G =
+      at::linalg_solve(D, (o.uce_erase_scale * (cat_sum - ctt_sum)).t()).t().contiguous();
   detail::check_finite(G, "the UCE system (singular: try --lamb > 0)");
   const auto t1 = std::chrono::steady_clock::now();
   result.notes.push_back("uce: one shared d×d solve");

@@ -18,11 +18,11 @@ struct Prepared {
   at::Tensor retain;            // [n, d] (rows 1..76 of "" when there is no retain source)
   at::Tensor ctt, cat;          // [d, d]
   at::Tensor tm, l;             // target rows T and L = anchors − targets [N', d] (N' = N·T, or
-                                // d after a QR when N' > d): Ctt = TᵀT / N, Cat − Ctt = LᵀT / N
-  double inv_n = 1;             // 1 / N
-  at::Tensor retain32;          // retain rows in float32 (only for the ‖W r‖ denominators)
-  at::Tensor k2;                // [d, 1 + k]
-  at::Tensor eye;               // I_d
+                     // d after a QR when N' > d): Ctt = TᵀT / N, Cat − Ctt = LᵀT / N
+  double inv_n = 1;     // 1 / N
+  at::Tensor retain32;  // retain rows in float32 (only for the ‖W r‖ denominators)
+  at::Tensor k2;        // [d, 1 + k]
+  at::Tensor eye;       // I_d
 };
 
 Prepared prepare(const EmbeddingSets& sets, const EraseOptions& options, EditResult& result);
@@ -39,6 +39,9 @@ void check_finite(const at::Tensor& t, const char* what);
 // outputs, so results do not depend on the thread count; the error of the lowest failing index is
 // rethrown.
 void for_each_layer(std::size_t n, int threads, const std::function<void(std::size_t)>& fn);
+
+// Eigenvector of the smallest eigenvalue of a symmetric PSD matrix [d, d] (unit norm, any sign).
+at::Tensor smallest_eigenvector(const at::Tensor& gram);
 
 EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& layers,
                       const EraseOptions& options);

@@ -33,10 +33,11 @@ at::Tensor layer_weight(const LayerInput& layer, const Prepared& p) {
   SPEED_CHECK(w.defined() && w.dim() == 2 && w.size(1) == p.eye.size(0),
               "layer '{}' has shape {}, expected [out, {}]", layer.name,
               w.defined() ? shape_string(w.sizes()) : std::string("undefined"), p.eye.size(0));
-  SPEED_CHECK(at::isFloatingType(w.scalar_type()), "layer '{}' has dtype {}, expected a floating type",
-              layer.name, w.scalar_type());
+  SPEED_CHECK(at::isFloatingType(w.scalar_type()),
+              "layer '{}' has dtype {}, expected a floating type", layer.name, w.scalar_type());
   at::Tensor W = w.to(p.device, at::kDouble);
-  SPEED_CHECK(at::isfinite(W).all().item<bool>(), "layer '{}' contains non-finite values", layer.name);
+  SPEED_CHECK(at::isfinite(W).all().item<bool>(), "layer '{}' contains non-finite values",
+              layer.name);
   return W;
 }
 
@@ -69,8 +70,8 @@ void for_each_layer(std::size_t n, int threads, const std::function<void(std::si
 
 namespace {
 
-constexpr std::int64_t kChunk = 128;     // the reference's chunk_size
-constexpr std::int64_t kMiniBatch = 8;   // generate_perturbed_embs' mini_batch
+constexpr std::int64_t kChunk = 128;    // the reference's chunk_size
+constexpr std::int64_t kMiniBatch = 8;  // generate_perturbed_embs' mini_batch
 
 // P without forming it: P = B Bᵀ, or I − B Bᵀ (complement), whichever basis is smaller.
 struct NullSpace {
@@ -96,11 +97,14 @@ NullSpace null_space(const at::Tensor& crr, double tau) {
   return ns;
 }
 
-[[noreturn]] void empty_null_space(const std::string& layer, double tau, double smallest, bool shared) {
-  throw Error(fmt::format("layer '{}'{}: C_rr has no eigenvalue below the threshold {} (smallest {:.6g}), "
-                          "so the edit would be zero",
-                          layer, shared ? " (C_rr is shared by all layers)" : "", tau, smallest),
-              "lower --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = 0");
+[[noreturn]] void empty_null_space(const std::string& layer, double tau, double smallest,
+                                   bool shared) {
+  throw Error(
+      fmt::format("layer '{}'{}: C_rr has no eigenvalue below the threshold {} (smallest {:.6g}), "
+                  "so the edit would be zero",
+                  layer, shared ? " (C_rr is shared by all layers)" : "", tau, smallest),
+      "lower --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = "
+      "0");
 }
 
 // X P for rows X [r, d].
@@ -114,49 +118,83 @@ at::Tensor apply_p(const NullSpace& ns, const at::Tensor& X) {
 // H = Lᵀ F with F [N', d], and M is applied through Woodbury,
 //   Y M = (Y − (Y Tᵀ) C⁻¹ X0) / s,  M Z = (Z − Tᵀ C⁻¹ X0 Z) / s,  X0 = T P / N,  C = sI + X0 Tᵀ,
 // so no d×d product, inverse or solve is needed per layer (ΔW = (W Lᵀ) F).
-at::Tensor left_factor(const Prepared& p, const NullSpace& ns, const EraseOptions& o, const std::string& layer) {
-  const at::Tensor TP = apply_p(ns, p.tm);                  // T P [N', d]
+at::Tensor left_factor(const Prepared& p, const NullSpace& ns, const EraseOptions& o,
+                       const std::string& layer) {
+  const at::Tensor TP = apply_p(ns, p.tm);  // T P [N', d]
   const at::Tensor X0 = TP * p.inv_n;
-  const at::Tensor C = o.retain_scale * at::eye(p.tm.size(0), p.tm.options()) + at::matmul(X0, p.tm.t());
-  const at::Tensor CX = at::linalg_solve(C, X0);            // C⁻¹ X0 [N', d]
-  auto row_m = [&](const at::Tensor& Y) { return (Y - at::matmul(at::matmul(Y, p.tm.t()), CX)) / o.retain_scale; };
+  const at::Tensor C =
+      o.retain_scale * at::eye(p.tm.size(0), p.tm.options()) + at::matmul(X0, p.tm.t());
+  const at::Tensor CX = at::linalg_solve(C, X0);  // C⁻¹ X0 [N', d]
+  auto row_m = [&](const at::Tensor& Y) {
+    return (Y - at::matmul(at::matmul(Y, p.tm.t()), CX)) / o.retain_scale;
+  };
   if (o.no_iec) return row_m(TP) * p.inv_n;
-  const at::Tensor PKt = apply_p(ns, p.k2.t());             // K2ᵀ P [k1, d]
-  const at::Tensor MK = (p.k2 - at::matmul(p.tm.t(), at::matmul(CX, p.k2))) / o.retain_scale;  // M K2
+  const at::Tensor PKt = apply_p(ns, p.k2.t());  // K2ᵀ P [k1, d]
+  const at::Tensor MK =
+      (p.k2 - at::matmul(p.tm.t(), at::matmul(CX, p.k2))) / o.retain_scale;  // M K2
   const std::int64_t k1 = p.k2.size(1), np = p.tm.size(0);
   const at::Tensor S = at::matmul(PKt, MK) + o.lambda * at::eye(k1, p.tm.options());
   const at::Tensor sv = at::linalg_svdvals(S).cpu();
   const double smax = sv[0].item<double>(), smin = sv[k1 - 1].item<double>();
   if (!(smin > smax * 1e-13))
-    throw Error(fmt::format("layer '{}': the IEC system K2ᵀ P M K2 + λI is singular (singular values {:.3g} .. {:.3g})",
-                            layer, smax, smin),
-                "the null space does not reach the invariants: use --lambda > 0, fewer --iec-clusters, "
-                "--no-iec, or a larger --threshold");
-  const at::Tensor RM = row_m(at::cat({TP, PKt}, 0));       // [T P M; K2ᵀ P M]
-  const at::Tensor F = RM.slice(0, 0, np) - at::matmul(at::matmul(TP, MK), at::linalg_solve(S, RM.slice(0, np)));
+    throw Error(
+        fmt::format("layer '{}': the IEC system K2ᵀ P M K2 + λI is singular (singular values "
+                    "{:.3g} .. {:.3g})",
+                    layer, smax, smin),
+        "the null space does not reach the invariants: use --lambda > 0, fewer --iec-clusters, "
+        "--no-iec, or a larger --threshold");
+  const at::Tensor RM = row_m(at::cat({TP, PKt}, 0));  // [T P M; K2ᵀ P M]
+  const at::Tensor F =
+      RM.slice(0, 0, np) - at::matmul(at::matmul(TP, MK), at::linalg_solve(S, RM.slice(0, np)));
   return F * p.inv_n;
 }
+
+}  // namespace
+
+// The eigenvector of the smallest eigenvalue of a symmetric PSD matrix: eigenvalues only (about
+// 0.4 of a full eigh), then inverse iteration with the Cholesky factor of gram − σI, σ just below
+// λ1 (LAPACK's stein does the same on the tridiagonal form). Falls back to a full eigh when the
+// shifted matrix is not numerically positive definite.
+at::Tensor smallest_eigenvector(const at::Tensor& gram) {
+  const std::int64_t d = gram.size(0);
+  const at::Tensor ev = at::linalg_eigvalsh(gram).cpu();
+  const double* e = ev.data_ptr<double>();
+  const double scale = std::max(std::abs(e[d - 1]), 1e-300);
+  const double gap = d > 1 ? e[1] - e[0] : scale;
+  const double delta = std::max(1e-3 * gap, 1e-10 * scale);
+  at::Tensor L, info;
+  std::tie(L, info) = at::linalg_cholesky_ex(gram - (e[0] - delta) * at::eye(d, gram.options()));
+  if (info.item<int>() != 0) return std::get<1>(at::linalg_eigh(gram)).select(1, 0).contiguous();
+  // A fixed, generic start vector (deterministic, never orthogonal to v in practice).
+  at::Tensor x = at::sin(at::arange(1, d + 1, gram.options()) * 1.618033988749895).unsqueeze(1);
+  x = x / x.norm();
+  for (int it = 0; it < 40; ++it) {
+    at::Tensor y = at::cholesky_solve(x, L);
+    y = y / y.norm();
+    // Converged when the direction stops changing (sign-independent).
+    const double change = 1.0 - std::abs(at::sum(y * x).item<double>());
+    x = y;
+    if (change < 1e-15) break;
+  }
+  return x.squeeze(1).contiguous();
+}
+
+namespace {
 
 // Right singular vector of W for its smallest singular value in the reduced SVD (the last column
 // of V), through the smaller Gram matrix: for out < d, v ∝ Wᵀu with u the last eigenvector of WWᵀ.
 at::Tensor dpa_direction(const at::Tensor& W) {
-  at::Tensor v;
-  if (W.size(0) >= W.size(1)) {
-    v = std::get<1>(at::linalg_eigh(at::matmul(W.t(), W))).select(1, 0);
-  } else {
-    const at::Tensor u = std::get<1>(at::linalg_eigh(at::matmul(W, W.t()))).select(1, 0);
-    v = at::matmul(W.t(), u);
-    v = v / v.norm();
-  }
-  return v.contiguous();
+  if (W.size(0) >= W.size(1)) return smallest_eigenvector(at::matmul(W.t(), W));
+  at::Tensor v = at::matmul(W.t(), smallest_eigenvector(at::matmul(W, W.t())));
+  return (v / v.norm()).contiguous();
 }
 
 struct LayerWork {
-  at::Tensor W, WL, ER;   // W [out, d]; W Lᵀ [out, N']; ER = R_k Eᵀ [n_k, out] for the kept rows
-  at::Tensor kept;        // indices into the shuffled R (int64, math device)
-  at::Tensor v, Ev;       // DPA direction [d], E v [out]
-  at::Tensor aug_rows;    // kept perturbed rows: source index into kept (int64) ...
-  at::Tensor aug_c;       // ... and coefficient c (float64)
+  at::Tensor W, WL, ER;  // W [out, d]; W Lᵀ [out, N']; ER = R_k Eᵀ [n_k, out] for the kept rows
+  at::Tensor kept;       // indices into the shuffled R (int64, math device)
+  at::Tensor v, Ev;      // DPA direction [d], E v [out]
+  at::Tensor aug_rows;   // kept perturbed rows: source index into kept (int64) ...
+  at::Tensor aug_c;      // ... and coefficient c (float64)
 };
 
 // Phase B for one layer: the reference's generate_perturbed_embs, chunk by chunk.
@@ -177,12 +215,14 @@ void draw_augmentation(LayerWork& w, at::Generator& gen, const EraseOptions& o, 
     }
     const at::Tensor c = at::matmul(at::cat(noise, 0).to(dev, at::kDouble), w.v);  // n v vᵀ = c vᵀ
     const at::Tensor idx = at::tensor(rows, at::kLong).to(dev);
-    const at::Tensor norms = (w.ER.index_select(0, idx) + c.unsqueeze(1) * w.Ev.unsqueeze(0)).norm(2, {1});
+    const at::Tensor norms =
+        (w.ER.index_select(0, idx) + c.unsqueeze(1) * w.Ev.unsqueeze(0)).norm(2, {1});
     const at::Tensor keep = norms > norms.mean();
     rows_out.push_back(idx.masked_select(keep));
     c_out.push_back(c.masked_select(keep));
   }
-  w.aug_rows = rows_out.empty() ? at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev)) : at::cat(rows_out);
+  w.aug_rows = rows_out.empty() ? at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev))
+                                : at::cat(rows_out);
   w.aug_c = c_out.empty() ? at::empty({0}, w.W.options()) : at::cat(c_out);
 }
 
@@ -190,8 +230,9 @@ void draw_augmentation(LayerWork& w, at::Generator& gen, const EraseOptions& o, 
 // Σ (r + cv)(r + cv)ᵀ = Σ r rᵀ + u vᵀ + v uᵀ + (Σ c²) v vᵀ with u = Σ c r, so
 // C_rr = (Xᵀ diag(mult) X + u vᵀ + v uᵀ + c2 v vᵀ) / count.
 struct RetainCov {
-  at::Tensor X, mult;  // rows [nk, d]; multiplicity of each (1 + its kept perturbations), or undefined
-  at::Tensor u, v;     // DPA terms (undefined without DPA)
+  at::Tensor X,
+      mult;         // rows [nk, d]; multiplicity of each (1 + its kept perturbations), or undefined
+  at::Tensor u, v;  // DPA terms (undefined without DPA)
   double c2 = 0, count = 0;
 };
 
@@ -211,7 +252,8 @@ RetainCov retain_covariance(const at::Tensor& Rk, const LayerWork* w) {
 }
 
 // Σ_i m_i z_iᵀ z_i + the DPA terms, for rows Z = X Q (Q = I: the dense d×d C_rr).
-at::Tensor covariance(const RetainCov& c, const at::Tensor& Z, const at::Tensor& u, const at::Tensor& v) {
+at::Tensor covariance(const RetainCov& c, const at::Tensor& Z, const at::Tensor& u,
+                      const at::Tensor& v) {
   at::Tensor crr = at::matmul(Z.t(), c.mult.defined() ? Z * c.mult.unsqueeze(1) : Z);
   if (c.v.defined()) {
     const at::Tensor uv = at::outer(u, v);
@@ -250,12 +292,14 @@ NullSpace retain_null_space(const RetainCov& c, double tau) {
 
 }  // namespace
 
-EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& layers, const EraseOptions& o) {
+EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& layers,
+                      const EraseOptions& o) {
   EditResult result;
   const auto t0 = std::chrono::steady_clock::now();
   Prepared p = prepare(sets, o, result);
   const std::int64_t d = p.eye.size(0), n = p.retain.size(0);
-  SPEED_CHECK(o.retain_scale > 0, "option '--retain-scale' is {}, expected > 0 for SPEED (M = (Ctt P + sI)⁻¹)",
+  SPEED_CHECK(o.retain_scale > 0,
+              "option '--retain-scale' is {}, expected > 0 for SPEED (M = (Ctt P + sI)⁻¹)",
               o.retain_scale);
 
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
@@ -273,10 +317,12 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
   if (shared) {
     shared_ns = retain_null_space(retain_covariance(R, nullptr), o.threshold);
     const std::string first = layers.empty() ? std::string("-") : layers.front().name;
-    if (shared_ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(first, o.threshold, shared_ns.above, true);
+    if (shared_ns.dim == 0 && !o.allow_empty_null_space)
+      empty_null_space(first, o.threshold, shared_ns.above, true);
     shared_F = shared_ns.dim == 0 ? at::zeros_like(p.tm) : left_factor(p, shared_ns, o, first);
     shared_RF = at::matmul(p.retain, shared_F.t());
-    result.notes.push_back("IPF and DPA off: C_rr, P and the edit's factor are shared by all layers");
+    result.notes.push_back(
+        "IPF and DPA off: C_rr, P and the edit's factor are shared by all layers");
   }
   const auto t1 = std::chrono::steady_clock::now();
 
@@ -292,8 +338,10 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
         const at::Tensor norms = ER.norm(2, {1});
         w.kept = (norms > norms.mean()).nonzero().squeeze(1);
         // All influences equal (e.g. E = 0 when every target is its anchor): nothing to rank by.
-        if (w.kept.numel() == 0) w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
-        else ER = ER.index_select(0, w.kept);
+        if (w.kept.numel() == 0)
+          w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
+        else
+          ER = ER.index_select(0, w.kept);
       } else {
         w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
       }
@@ -329,12 +377,14 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       SPEED_CHECK(g.kept_rows > 0, "layer '{}': no retain row is left after IPF", layers[i].name);
       const NullSpace ns = retain_null_space(retain_covariance(Rk, &w), o.threshold);
       g.null_dim = ns.dim, g.eig_below = ns.below, g.eig_above = ns.above;
-      if (ns.dim == 0 && !o.allow_empty_null_space) empty_null_space(layers[i].name, o.threshold, ns.above, false);
+      if (ns.dim == 0 && !o.allow_empty_null_space)
+        empty_null_space(layers[i].name, o.threshold, ns.above, false);
       F = ns.dim == 0 ? at::zeros_like(p.tm) : left_factor(p, ns, o, layers[i].name);
       RF = at::matmul(p.retain, F.t());
     }
     lr.delta = at::matmul(w.WL, F);
-    SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite", layers[i].name);
+    SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite",
+                layers[i].name);
     diagnose(layers[i], w.W, lr.delta, p, g, at::matmul(RF, w.WL.t()).norm(2, {1}));
     w = LayerWork{};  // free this layer's rows early
   });
@@ -344,8 +394,10 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
   std::int64_t empty_layers = 0;
   for (const auto& l : result.layers) empty_layers += l.diag.null_dim == 0;
   if (empty_layers > 0)
-    result.notes.push_back(fmt::format("{} layer(s) had an empty null space and were left unchanged "
-                                       "(--allow-empty-null-space)", empty_layers));
+    result.notes.push_back(
+        fmt::format("{} layer(s) had an empty null space and were left unchanged "
+                    "(--allow-empty-null-space)",
+                    empty_layers));
   return result;
 }
 

@@ -5,6 +5,7 @@
 
 #include <Eigen/Dense>
 
+#include "../src/erase_internal.h"
 #include "test_erase_util.h"
 
 #include <catch2/catch.hpp>
@@ -27,7 +28,8 @@ struct Problem {
   std::vector<LayerInput> layers;
 };
 
-Problem random_problem(std::int64_t d = 24, std::int64_t n = 40, std::int64_t rank = 16, std::uint64_t seed = 7) {
+Problem random_problem(std::int64_t d = 24, std::int64_t n = 40, std::int64_t rank = 16,
+                       std::uint64_t seed = 7) {
   Problem p;
   p.sets.targets = randn({3, d}, seed);
   p.sets.anchors = randn({3, d}, seed + 1);
@@ -36,7 +38,8 @@ Problem random_problem(std::int64_t d = 24, std::int64_t n = 40, std::int64_t ra
   p.sets.empty = randn({77, d}, seed + 4);
   const std::int64_t outs[] = {16, 48, 24, 8};
   for (int i = 0; i < 4; ++i)
-    p.layers.push_back({fmt::format("layer.{}", i), randn({outs[i], d}, seed + 10 + i).to(at::kFloat)});
+    p.layers.push_back(
+        {fmt::format("layer.{}", i), randn({outs[i], d}, seed + 10 + i).to(at::kFloat)});
   return p;
 }
 
@@ -75,7 +78,8 @@ TEST_CASE("k-means and K2 match the golden", "[golden]") {
   CHECK(km.sizes == k3.at("cluster_sizes").get<std::vector<int>>());
   CHECK(km.iterations == k3.at("iterations").get<int>());
   const at::Tensor k0 = invariants_k2(empty, 0);
-  CHECK((k0 - erase_test::load(erase_test::edits_st(), "K2/iec0").t()).abs().max().item<double>() == 0);
+  CHECK((k0 - erase_test::load(erase_test::edits_st(), "K2/iec0").t()).abs().max().item<double>() ==
+        0);
   // float32 states give the same clusters (the golden says so too).
   KMeansResult km32;
   invariants_k2(empty.to(at::kFloat), 3, &km32);
@@ -83,7 +87,8 @@ TEST_CASE("k-means and K2 match the golden", "[golden]") {
 }
 
 TEST_CASE("violence cases (all tokens, no retain source) match the golden", "[golden]") {
-  // Target "violence" is encoder_prompts.txt line 4: its float32 states are in encoder_tiny.safetensors.
+  // Target "violence" is encoder_prompts.txt line 4: its float32 states are in
+  // encoder_tiny.safetensors.
   const auto enc = erase_test::open_st("encoder_tiny.safetensors");
   const at::Tensor hs = erase_test::load(enc, "hidden_states");
   const at::Tensor empty = erase_test::load(erase_test::edits_st(), "empty_prompt/hidden_states");
@@ -119,7 +124,8 @@ TEST_CASE("SPEED invariants on random inputs", "[unit]") {
           o.augment = aug, o.ipf = ipf, o.iec_clusters = k;
           o.threshold = aug > 0 ? 1e-9 : 1e-6;
           const EditResult r = edit_layers(p.sets, p.layers, o);
-          INFO("aug " << aug << " ipf " << ipf << " k " << k << ": max ‖ΔW K2‖/‖W K2‖ = " << max_rel_iec(r, p.layers));
+          INFO("aug " << aug << " ipf " << ipf << " k " << k
+                      << ": max ‖ΔW K2‖/‖W K2‖ = " << max_rel_iec(r, p.layers));
           CHECK(max_rel_iec(r, p.layers) < 1e-10);
           for (const auto& l : r.layers) CHECK(l.diag.iec_residual < 1e-10);
           for (const auto& l : r.layers) CHECK(l.diag.dw_fro > 0);
@@ -174,7 +180,8 @@ TEST_CASE("SPEED invariants on random inputs", "[unit]") {
     at::Generator g = at::make_generator<at::CPUGeneratorImpl>(0);
     const at::Tensor perm = at::randperm(40, g, at::TensorOptions().dtype(at::kLong));
     const EditResult r = edit_layers(p.sets, p.layers, o);
-    CHECK(r.shuffle == std::vector<std::int64_t>(perm.data_ptr<std::int64_t>(), perm.data_ptr<std::int64_t>() + 40));
+    CHECK(r.shuffle == std::vector<std::int64_t>(perm.data_ptr<std::int64_t>(),
+                                                 perm.data_ptr<std::int64_t>() + 40));
   }
 }
 
@@ -192,7 +199,8 @@ TEST_CASE("SPEED equals its closed form computed independently with Eigen", "[un
       o.augment = 0, o.ipf = ipf, o.lambda = 0.3, o.retain_scale = 0.8, o.iec_clusters = 3;
       o.threshold = n == 8 ? 0.05 : 2.0;
       const EditResult r = edit_layers(p.sets, p.layers, o);
-      const Mat E = mat(p.sets.targets), Es = mat(p.sets.anchors), R = mat(p.sets.retain), K2 = mat(r.k2);
+      const Mat E = mat(p.sets.targets), Es = mat(p.sets.anchors), R = mat(p.sets.retain),
+                K2 = mat(r.k2);
       const Mat I = Mat::Identity(24, 24);
       const Mat Ctt = E.transpose() * E / 3.0, Cat = Es.transpose() * E / 3.0;
       for (std::size_t l = 0; l < p.layers.size(); ++l) {
@@ -210,13 +218,16 @@ TEST_CASE("SPEED equals its closed form computed independently with Eigen", "[un
         Mat P = Mat::Zero(24, 24);
         int null_dim = 0;
         for (int k = 0; k < 24; ++k)
-          if (es.eigenvalues()(k) < o.threshold) P += es.eigenvectors().col(k) * es.eigenvectors().col(k).transpose(), ++null_dim;
+          if (es.eigenvalues()(k) < o.threshold)
+            P += es.eigenvectors().col(k) * es.eigenvectors().col(k).transpose(), ++null_dim;
         const Mat M = (Ctt * P + o.retain_scale * I).inverse();
         const Mat S = K2.transpose() * P * M * K2 + o.lambda * Mat::Identity(K2.cols(), K2.cols());
         const Mat dW = W * (Cat - Ctt) * P * (I - M * K2 * S.inverse() * K2.transpose() * P) * M;
         const double err = (mat(r.layers[l].delta) - dW).norm() / dW.norm();
-        INFO("n " << n << " ipf " << ipf << " layer " << l << ": null_dim " << r.layers[l].diag.null_dim << " vs " << null_dim
-                  << ", kept " << r.layers[l].diag.kept_rows << " vs " << keep.size() << ", ‖ΔW − ΔW_eigen‖/‖ΔW_eigen‖ = " << err);
+        INFO("n " << n << " ipf " << ipf << " layer " << l << ": null_dim "
+                  << r.layers[l].diag.null_dim << " vs " << null_dim << ", kept "
+                  << r.layers[l].diag.kept_rows << " vs " << keep.size()
+                  << ", ‖ΔW − ΔW_eigen‖/‖ΔW_eigen‖ = " << err);
         CHECK(r.layers[l].diag.null_dim == null_dim);
         CHECK(r.layers[l].diag.kept_rows == static_cast<std::int64_t>(keep.size()));
         CHECK(err < 1e-9);
@@ -234,6 +245,20 @@ TEST_CASE("DPA on few retain rows (low-rank null-space path) keeps the invariant
     CHECK(l.diag.augmented_rows > 0);
     CHECK(l.diag.retain_residual_max < 1e-10);
     CHECK(l.diag.iec_residual < 1e-10);
+  }
+}
+
+TEST_CASE("the DPA direction is the last right singular vector of W", "[unit]") {
+  for (std::int64_t out : {40, 24, 9}) {
+    const at::Tensor W = randn({out, 24}, 100 + out);
+    const at::Tensor Vh = std::get<2>(at::linalg_svd(W, false));
+    const at::Tensor v_svd = Vh[Vh.size(0) - 1];
+    const at::Tensor gram = out >= 24 ? at::matmul(W.t(), W) : at::matmul(W, W.t());
+    at::Tensor v = speed::detail::smallest_eigenvector(gram);
+    if (out < 24) v = at::matmul(W.t(), v), v = v / v.norm();
+    const double align = std::abs(at::dot(v, v_svd).item<double>());
+    INFO("out " << out << ": |<v, v_svd>| = " << align);
+    CHECK(std::abs(1 - align) < 1e-12);
   }
 }
 
@@ -277,9 +302,11 @@ TEST_CASE("erase errors name the problem", "[unit]") {
   o.ipf = false;
   o.threshold = 1e-6;  // nothing is below: empty null space
   CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }),
-             Catch::Contains("layer 'layer.0'") && Catch::Contains("no eigenvalue below the threshold 1e-06"));
+             Catch::Contains("layer 'layer.0'") &&
+                 Catch::Contains("no eigenvalue below the threshold 1e-06"));
   o.ipf = true;
-  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }), Catch::Contains("layer 'layer.0'"));
+  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }),
+             Catch::Contains("layer 'layer.0'"));
   o.allow_empty_null_space = true;
   const EditResult r = edit_layers(p.sets, p.layers, o);
   for (const auto& l : r.layers) CHECK(l.delta.abs().max().item<double>() == 0);
@@ -296,12 +323,15 @@ TEST_CASE("erase errors name the problem", "[unit]") {
   sets = p.sets;
   sets.retain = sets.retain.clone();
   sets.retain[0][0] = std::nan("");
-  CHECK_THAT(error_of([&] { edit_layers(sets, p.layers, o); }), Catch::Contains("retain embeddings contain non-finite"));
+  CHECK_THAT(error_of([&] { edit_layers(sets, p.layers, o); }),
+             Catch::Contains("retain embeddings contain non-finite"));
   o.augment = -1;
-  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }), Catch::Contains("option '--augment' is -1"));
+  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }),
+             Catch::Contains("option '--augment' is -1"));
   o = EraseOptions{};
   o.all_tokens = true;
-  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }), Catch::Contains("(all-tokens mode)"));
+  CHECK_THAT(error_of([&] { edit_layers(p.sets, p.layers, o); }),
+             Catch::Contains("(all-tokens mode)"));
   CHECK_THROWS_AS(parse_params("q"), UsageError);
   CHECK(parse_method("uce") == EditMethod::Uce);
   CHECK(params_edit(EditParams::V, false));

@@ -31,9 +31,12 @@ std::vector<std::string> csv_unique(const std::string& path, const std::string& 
   for (std::size_t i = 0; i < s.size(); ++i) {
     const char c = s[i];
     if (quoted) {
-      if (c == '"' && i + 1 < s.size() && s[i + 1] == '"') field += '"', ++i;
-      else if (c == '"') quoted = false;
-      else field += c;
+      if (c == '"' && i + 1 < s.size() && s[i + 1] == '"')
+        field += '"', ++i;
+      else if (c == '"')
+        quoted = false;
+      else
+        field += c;
     } else if (c == '"') {
       quoted = true;
     } else if (c == ',') {
@@ -63,16 +66,19 @@ struct Encoded {
 
 Encoded encode(const std::vector<std::string>& prompts) {
   const std::string dir = SPEED_BINARY_DIR;
-  const std::string in = dir + "/test_erase_golden_prompts.txt", out = dir + "/test_erase_golden_states.safetensors";
+  const std::string in = dir + "/test_erase_golden_prompts.txt",
+                    out = dir + "/test_erase_golden_states.safetensors";
   {
     std::ofstream f(in, std::ios::binary);
     for (const auto& p : prompts) f << p << "\n";
   }
   std::remove(out.c_str());
-  const std::string cmd =
-      fmt::format("'{}' encode -q --model '{}' --tokenizer '{}/data/clip/bpe_simple_vocab_16e6.txt.gz' --prompts '{}' "
-                  "--output '{}'",
-                  SPEED_ERASE_BIN, erase_test::golden("fixture_tiny_f32.safetensors"), SPEED_SHARED_DIR, in, out);
+  const std::string cmd = fmt::format(
+      "'{}' encode -q --model '{}' --tokenizer '{}/data/clip/bpe_simple_vocab_16e6.txt.gz' "
+      "--prompts '{}' "
+      "--output '{}'",
+      SPEED_ERASE_BIN, erase_test::golden("fixture_tiny_f32.safetensors"), SPEED_SHARED_DIR, in,
+      out);
   INFO("the golden erase test needs the CLI: " << cmd);
   REQUIRE(std::system(cmd.c_str()) == 0);
   const auto st = std::make_shared<const SafeTensors>(SafeTensors::open(out));
@@ -142,12 +148,15 @@ TEST_CASE("all edits_tiny cases from float32 encoder rows", "[golden]") {
     const auto layers = erase_test::case_layers(c);
     const auto t0 = std::chrono::steady_clock::now();
     const EditResult r = edit_layers(sets, layers, o);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto worst = erase_test::check_case(it.key(), c, r, layers);
-    WARN(it.key() << ": worst stored-layer |dW - dW_golden|/|dW_golden| " << worst.first << ", worst |dW| rel. error "
-                  << worst.second << " (golden measured f32 states: "
-                  << c.at("measured").at("max_rel_dW_f32emb_f64math").get<double>() << "); 32 layers in " << secs << " s");
-    if (o.augment > 0) {  // the DPA path on real data: thread count and seed do not change the bytes / ΔW
+    WARN(it.key() << ": worst stored-layer |dW - dW_golden|/|dW_golden| " << worst.first
+                  << ", worst |dW| rel. error " << worst.second << " (golden measured f32 states: "
+                  << c.at("measured").at("max_rel_dW_f32emb_f64math").get<double>()
+                  << "); 32 layers in " << secs << " s");
+    if (o.augment >
+        0) {  // the DPA path on real data: thread count and seed do not change the bytes / ΔW
       EraseOptions o2 = o;
       o2.threads = o.threads == 1 ? 2 : 1;
       const EditResult r2 = edit_layers(sets, layers, o2);

@@ -19,7 +19,9 @@
 
 namespace erase_test {
 
-inline std::string golden(const std::string& name) { return std::string(SPEED_SHARED_DIR) + "/golden/" + name; }
+inline std::string golden(const std::string& name) {
+  return std::string(SPEED_SHARED_DIR) + "/golden/" + name;
+}
 
 inline const nlohmann::json& edits_json() {
   static const nlohmann::json j = [] {
@@ -43,7 +45,8 @@ inline const std::shared_ptr<const speed::SafeTensors>& edits_st() {
   return st;
 }
 
-inline at::Tensor load(const std::shared_ptr<const speed::SafeTensors>& st, const std::string& name) {
+inline at::Tensor load(const std::shared_ptr<const speed::SafeTensors>& st,
+                       const std::string& name) {
   return speed::load_tensor(st, st->at(name), at::kDouble).clone();
 }
 
@@ -51,8 +54,10 @@ inline at::Tensor load(const std::shared_ptr<const speed::SafeTensors>& st, cons
 inline std::vector<speed::LayerInput> case_layers(const nlohmann::json& c) {
   std::vector<speed::LayerInput> layers;
   for (const auto& l : c.at("layers"))
-    layers.push_back({l.at("name").get<std::string>(),
-                      speed::load_tensor(fixture(), fixture()->at(l.at("ldm_name").get<std::string>()), at::kFloat)});
+    layers.push_back(
+        {l.at("name").get<std::string>(),
+         speed::load_tensor(fixture(), fixture()->at(l.at("ldm_name").get<std::string>()),
+                            at::kFloat)});
   return layers;
 }
 
@@ -76,8 +81,10 @@ inline double rel(double a, double b) { return std::abs(a - b) / std::max(std::a
 // Compares every layer of `r` with the case: stored ΔW (Frobenius, relative to the golden),
 // ‖ΔW‖, sampled entries, null_dim, IEC residual and the report residuals. Prints a side-by-side
 // table of the worst layers on failure.
-inline std::pair<double, double> check_case(const std::string& name, const nlohmann::json& c, const speed::EditResult& r,
-                       const std::vector<speed::LayerInput>& layers, double tol = 1e-4) {
+inline std::pair<double, double> check_case(const std::string& name, const nlohmann::json& c,
+                                            const speed::EditResult& r,
+                                            const std::vector<speed::LayerInput>& layers,
+                                            double tol = 1e-4) {
   const auto& gl = c.at("layers");
   REQUIRE(r.layers.size() == gl.size());
   const double lambda = c.at("options").at("lambda").get<double>();
@@ -95,13 +102,17 @@ inline std::pair<double, double> check_case(const std::string& name, const nlohm
     if (e_fro > tol) why.push_back(fmt::format("dW_fro {:.9g} vs {:.9g}", d.dw_fro, dw_fro));
     if (d.null_dim != g.at("null_dim").get<std::int64_t>())
       why.push_back(fmt::format("null_dim {} vs {}", d.null_dim, g.at("null_dim").get<int>()));
-    if (c.at("options").at("augment").get<int>() == 0 && d.rows_used != g.at("retain_rows_used").get<std::int64_t>())
-      why.push_back(fmt::format("rows_used {} vs {}", d.rows_used, g.at("retain_rows_used").get<int>()));
+    if (c.at("options").at("augment").get<int>() == 0 &&
+        d.rows_used != g.at("retain_rows_used").get<std::int64_t>())
+      why.push_back(
+          fmt::format("rows_used {} vs {}", d.rows_used, g.at("retain_rows_used").get<int>()));
     for (const auto& s : g.at("sampled")) {
       const double want = s[3].get<double>();
-      const double got = dW.index({s[0].get<std::int64_t>(), s[1].get<std::int64_t>()}).item<double>();
+      const double got =
+          dW.index({s[0].get<std::int64_t>(), s[1].get<std::int64_t>()}).item<double>();
       if (std::abs(got - want) > tol * dw_fro)
-        why.push_back(fmt::format("dW[{},{}] {:.9g} vs {:.9g}", s[0].get<int>(), s[1].get<int>(), got, want));
+        why.push_back(
+            fmt::format("dW[{},{}] {:.9g} vs {:.9g}", s[0].get<int>(), s[1].get<int>(), got, want));
     }
     if (g.at("stored").get<bool>()) {
       const at::Tensor Wp = load(edits_st(), name + "/" + g.at("name").get<std::string>());
@@ -115,12 +126,14 @@ inline std::pair<double, double> check_case(const std::string& name, const nlohm
       why.push_back(fmt::format("iec_residual {:.6g} vs {:.6g}", d.iec_residual, iec));
     const double trm = g.at("target_residual_mean").get<double>();
     if (std::abs(d.target_residual_mean - trm) > 1e-3 * std::max(trm, 1e-3))
-      why.push_back(fmt::format("target_residual_mean {:.9g} vs {:.9g}", d.target_residual_mean, trm));
-    const double rrm = g.at("retain_residual_mean").get<double>(), rrx = g.at("retain_residual_max").get<double>();
+      why.push_back(
+          fmt::format("target_residual_mean {:.9g} vs {:.9g}", d.target_residual_mean, trm));
+    const double rrm = g.at("retain_residual_mean").get<double>(),
+                 rrx = g.at("retain_residual_max").get<double>();
     if (std::abs(d.retain_residual_mean - rrm) > 1e-3 * std::max(rrm, 1e-6) ||
         std::abs(d.retain_residual_max - rrx) > 1e-3 * std::max(rrx, 1e-6))
-      why.push_back(fmt::format("retain_residual mean/max {:.6g}/{:.6g} vs {:.6g}/{:.6g}", d.retain_residual_mean,
-                                d.retain_residual_max, rrm, rrx));
+      why.push_back(fmt::format("retain_residual mean/max {:.6g}/{:.6g} vs {:.6g}/{:.6g}",
+                                d.retain_residual_mean, d.retain_residual_max, rrm, rrx));
     if (!why.empty()) {
       ++failures;
       bad << "  " << g.at("name").get<std::string>() << ":";
@@ -128,8 +141,9 @@ inline std::pair<double, double> check_case(const std::string& name, const nlohm
       bad << "\n";
     }
   }
-  INFO(name << ": worst stored-layer relative error " << worst_stored << ", worst |dW| relative error " << worst_fro
-            << "\n" << bad.str());
+  INFO(name << ": worst stored-layer relative error " << worst_stored
+            << ", worst |dW| relative error " << worst_fro << "\n"
+            << bad.str());
   CHECK(failures == 0);
   return {worst_stored, worst_fro};
 }

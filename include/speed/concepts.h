@@ -31,10 +31,10 @@ inline constexpr std::size_t kMaxConcepts = 100000;             // texts per sou
 inline constexpr std::size_t kMaxCsvColumns = 1024;
 
 struct SourceSpec {
-  std::string path;                  // as given (see resolve_data_path)
-  std::optional<std::string> column;  // CSV column
+  std::string path;                                   // as given (see resolve_data_path)
+  std::optional<std::string> column;                  // CSV column
   std::optional<std::string> where_key, where_value;  // KEY=VALUE row filter
-  std::string spec;                  // the original text, for messages
+  std::string spec;                                   // the original text, for messages
 };
 // Splits FILE[:COLUMN[:KEY=VALUE]] (see above); `exists` decides whether the whole spec is a file.
 SourceSpec parse_source_spec(const std::string& spec, bool (*exists)(const std::string&) = nullptr);
@@ -91,13 +91,13 @@ struct ConceptInputs {
 
 struct ConceptSet {
   std::vector<std::string> targets;
-  std::vector<std::string> anchors;          // one per target
-  std::vector<std::string> retain;           // unique texts left after the target filter
-  std::vector<std::string> dropped;          // retain texts removed by the filter (in order)
-  std::size_t retain_total = 0;              // texts read from all retain sources
-  std::size_t retain_unique = 0;             // after de-duplication, before the filter
-  bool has_retain_source = false;            // false: R is the empty prompt (SPEC §1.2)
-  std::vector<std::string> notes;            // for the report / log
+  std::vector<std::string> anchors;  // one per target
+  std::vector<std::string> retain;   // unique texts left after the target filter
+  std::vector<std::string> dropped;  // retain texts removed by the filter (in order)
+  std::size_t retain_total = 0;      // texts read from all retain sources
+  std::size_t retain_unique = 0;     // after de-duplication, before the filter
+  bool has_retain_source = false;    // false: R is the empty prompt (SPEC §1.2)
+  std::vector<std::string> notes;    // for the report / log
 };
 
 // Collects, validates and filters (SPEC §1.2, §1.7). Errors (speed::Error, usage errors exit 2):
@@ -116,10 +116,10 @@ struct Preset {
   std::string name;    // "instance" or the file path
   std::string source;  // "built-in" or the file path
   std::optional<std::string> description;
-  std::vector<std::string> concept_sources;  // "concepts": string or array (sources)
-  std::vector<std::string> concept_texts;    // "concept": string or array (texts)
+  std::vector<std::string> concept_sources;        // "concepts": string or array (sources)
+  std::vector<std::string> concept_texts;          // "concept": string or array (texts)
   std::optional<std::vector<std::string>> anchor;  // "anchor": string or array
-  std::vector<std::string> retain;     // "retain": string or array (sources)
+  std::vector<std::string> retain;                 // "retain": string or array (sources)
   std::optional<std::string> method, params;
   std::optional<std::int64_t> augment, iec_clusters, seed;
   std::optional<double> threshold, retain_scale, lambda, lamb, erase_scale, preserve_scale;

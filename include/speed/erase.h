@@ -30,19 +30,19 @@ bool params_edit(EditParams params, bool is_key);
 struct EraseOptions {
   EditMethod method = EditMethod::Speed;
   EditParams params = EditParams::V;
-  int augment = 10;            // --augment: DPA draws per retain row (0: no DPA)
-  double threshold = 0.1;      // --threshold τ: eigenvalues of C_rr below it span the null space
-  double retain_scale = 1.0;   // --retain-scale s
-  double lambda = 0.0;         // --lambda λ of the IEC system (0: hard constraints)
-  bool ipf = true;             // false with --no-filter
-  int iec_clusters = 3;        // --iec-clusters k (0: SOT row only)
-  bool no_iec = false;         // --no-iec: no invariant equality constraints at all
-  bool all_tokens = false;     // --all-tokens: targets/anchors use rows 1..76
-  std::uint64_t seed = 0;      // --seed of the one CPU generator (shuffle + DPA noise)
+  int augment = 10;           // --augment: DPA draws per retain row (0: no DPA)
+  double threshold = 0.1;     // --threshold τ: eigenvalues of C_rr below it span the null space
+  double retain_scale = 1.0;  // --retain-scale s
+  double lambda = 0.0;        // --lambda λ of the IEC system (0: hard constraints)
+  bool ipf = true;            // false with --no-filter
+  int iec_clusters = 3;       // --iec-clusters k (0: SOT row only)
+  bool no_iec = false;        // --no-iec: no invariant equality constraints at all
+  bool all_tokens = false;    // --all-tokens: targets/anchors use rows 1..76
+  std::uint64_t seed = 0;     // --seed of the one CPU generator (shuffle + DPA noise)
   bool allow_empty_null_space = false;  // --allow-empty-null-space: ΔW = 0 instead of an error
-  double uce_lamb = 0.5;            // --lamb (UCE's λ)
-  double uce_erase_scale = 1.0;     // --erase-scale (UCE's s_e)
-  double uce_preserve_scale = 1.0;  // --preserve-scale (UCE's s_p)
+  double uce_lamb = 0.5;                // --lamb (UCE's λ)
+  double uce_erase_scale = 1.0;         // --erase-scale (UCE's s_e)
+  double uce_preserve_scale = 1.0;      // --preserve-scale (UCE's s_p)
   int threads = 0;             // layers edited in parallel (0: at::get_num_threads()); results
                                // are byte-identical for any value
   std::string device = "cpu";  // where the linear algebra runs ("cpu" or "cuda")
@@ -62,11 +62,12 @@ struct EmbeddingSets {
 };
 
 struct LayerInput {
-  std::string name;  // reported as is (the pipeline passes the canonical diffusers name)
-  at::Tensor weight; // W [out, d], any floating dtype
+  std::string name;   // reported as is (the pipeline passes the canonical diffusers name)
+  at::Tensor weight;  // W [out, d], any floating dtype
 };
 
-// Per-layer report entries (SPEC §4). NaN where a value does not exist (e.g. no eigenvalue below τ).
+// Per-layer report entries (SPEC §4). NaN where a value does not exist (e.g. no eigenvalue below
+// τ).
 struct LayerDiagnostics {
   std::string name;
   std::int64_t out = 0, in = 0;
@@ -78,8 +79,8 @@ struct LayerDiagnostics {
   double eig_below = 0;             // largest eigenvalue < τ (NaN if none)
   double eig_above = 0;             // smallest eigenvalue >= τ (NaN if none)
   double w_fro = 0, dw_fro = 0;
-  double rel_dw = 0;                // ‖ΔW‖_F / ‖W‖_F
-  double iec_residual = 0;          // ‖ΔW K2‖_F / ‖W K2‖_F (K2 of --iec-clusters, also with --no-iec)
+  double rel_dw = 0;        // ‖ΔW‖_F / ‖W‖_F
+  double iec_residual = 0;  // ‖ΔW K2‖_F / ‖W K2‖_F (K2 of --iec-clusters, also with --no-iec)
   double target_residual_mean = 0;  // mean_i ‖W' e_i − W e*_i‖_F / ‖W e_i − W e*_i‖_F (targets
                                     // with W e_i = W e*_i are left out; 0 if all are)
   double retain_residual_mean = 0;  // ‖ΔW r‖ / ‖W r‖ over the retain rows, before IPF/DPA
@@ -92,10 +93,10 @@ struct LayerResult {
 };
 
 struct KMeansResult {
-  at::Tensor centres;             // [k, d] float64
-  std::vector<int> assignment;    // cluster of each input row
-  std::vector<int> sizes;         // rows per cluster
-  int iterations = 0;             // centre updates performed
+  at::Tensor centres;           // [k, d] float64
+  std::vector<int> assignment;  // cluster of each input row
+  std::vector<int> sizes;       // rows per cluster
+  int iterations = 0;           // centre updates performed
 };
 
 struct EditResult {
@@ -105,9 +106,9 @@ struct EditResult {
   std::int64_t retain_rows = 0;     // rows of R (76 when R is the empty prompt)
   bool retain_is_empty_prompt = false;
   std::vector<std::int64_t> shuffle;  // the randperm(|R|) drawn first
-  double seconds_shared = 0;        // C_tt/C_at/K2/shared factors
-  double seconds_layers = 0;        // per-layer work, all layers
-  std::vector<std::string> notes;   // for the report (e.g. "C_rr shared by all layers")
+  double seconds_shared = 0;          // C_tt/C_at/K2/shared factors
+  double seconds_layers = 0;          // per-layer work, all layers
+  std::vector<std::string> notes;     // for the report (e.g. "C_rr shared by all layers")
 };
 
 // W' = W + ΔW in W's dtype and device (round to nearest).
