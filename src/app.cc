@@ -213,7 +213,14 @@ RunResult run_erase(const EraseRequest& req) {
   for (const KVLayer& l : ckpt.kv) {
     if (!params_edit(eopt.params, l.is_key)) continue;
     const auto& st = ckpt.files.at(l.file).st;
-    inputs.push_back({l.canonical, tensor_view(st, st->at(l.source))});
+    at::Tensor w = tensor_view(st, st->at(l.source));
+    // Named by its key in the file (what the user can look up), before any work on it.
+    if (!at::isfinite(w).all().item<bool>()) {
+      fail_hint("the checkpoint is damaged; re-download or re-convert it",
+                "tensor '{}' of '{}' (layer '{}') contains non-finite values", l.source,
+                ckpt.files.at(l.file).path, l.canonical);
+    }
+    inputs.push_back({l.canonical, w});
     // Checked here to name the tensor as the file spells it: a NaN or Inf in W would spread over
     // the whole edited layer (SPEC §6: refuse, never write a damaged edit).
     const std::int64_t bad =
