@@ -84,29 +84,44 @@ void fill(const SynthTensor& t, std::uint64_t seed, std::vector<std::uint8_t>& o
   double fan_in = 1;
   for (std::size_t i = 1; i < t.shape.size(); ++i) fan_in *= static_cast<double>(t.shape[i]);
   const double wscale = std::sqrt(3.0 / fan_in);
-  auto value = [&](std::int64_t i) -> double {
-    double u = static_cast<double>(splitmix(state) >> 40) * (2.0 / 16777216.0) - 1.0;
-    switch (t.init) {
-      case Init::Weight: return u * wscale;
-      case Init::Norm: return 1.0 + 0.1 * u;
-      case Init::Bias: return 0.02 * u;
-      case Init::Embedding: return 0.5 * u;
-      case Init::PositionIds: return static_cast<double>(i % (t.shape.empty() ? 1 : t.shape.back()));
-      case Init::Scalar: return t.scalar;
+  const std::size_t n = static_cast<std::size_t>(numel);
+  if (t.init == Init::PositionIds || t.init == Init::Scalar || (t.dtype != Dtype::F32 && t.dtype != Dtype::F16 &&
+                                                                 t.dtype != Dtype::BF16)) {
+    for (std::size_t i = 0; i < n; ++i) {
+      double v = t.init == Init::Scalar ? t.scalar
+                 : t.init == Init::PositionIds
+                     ? static_cast<double>(static_cast<std::int64_t>(i) % (t.shape.empty() ? 1 : t.shape.back()))
+                     : (static_cast<double>(splitmix(state) >> 40) * (2.0 / 16777216.0) - 1.0) * wscale;
+      std::uint8_t* p = out.data() + i * dtype_size(t.dtype);
+      switch (t.dtype) {
+        case Dtype::F32: { float f = static_cast<float>(v); std::memcpy(p, &f, 4); break; }
+        case Dtype::F64: std::memcpy(p, &v, 8); break;
+        case Dtype::F16: { auto h = f32_to_f16(static_cast<float>(v)); std::memcpy(p, &h, 2); break; }
+        case Dtype::BF16: { auto h = f32_to_bf16(static_cast<float>(v)); std::memcpy(p, &h, 2); break; }
+        case Dtype::I64: { auto x = static_cast<std::int64_t>(v); std::memcpy(p, &x, 8); break; }
+        case Dtype::I32: { auto x = static_cast<std::int32_t>(v); std::memcpy(p, &x, 4); break; }
+        default: fail("synth: unsupported dtype {}", dtype_name(t.dtype));
+      }
     }
-    return 0;
-  };
-  for (std::int64_t i = 0; i < numel; ++i) {
-    double v = value(i);
-    std::uint8_t* p = out.data() + static_cast<std::size_t>(i) * dtype_size(t.dtype);
-    switch (t.dtype) {
-      case Dtype::F32: { float f = static_cast<float>(v); std::memcpy(p, &f, 4); break; }
-      case Dtype::F64: std::memcpy(p, &v, 8); break;
-      case Dtype::F16: { auto h = f32_to_f16(static_cast<float>(v)); std::memcpy(p, &h, 2); break; }
-      case Dtype::BF16: { auto h = f32_to_bf16(static_cast<float>(v)); std::memcpy(p, &h, 2); break; }
-      case Dtype::I64: { auto x = static_cast<std::int64_t>(v); std::memcpy(p, &x, 8); break; }
-      case Dtype::I32: { auto x = static_cast<std::int32_t>(v); std::memcpy(p, &x, 4); break; }
-      default: fail("synth: unsupported dtype {}", dtype_name(t.dtype));
+    return;
+  }
+  // Hot path (weights of full-size files): value = offset + scale * u, u uniform in [-1, 1).
+  float scale = 0, offset = 0;
+  switch (t.init) {
+    case Init::Weight: scale = static_cast<float>(wscale); break;
+    case Init::Norm: scale = 0.1f; offset = 1.0f; break;
+    case Init::Bias: scale = 0.02f; break;
+    case Init::Embedding: scale = 0.5f; break;
+    default: break;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const float u = static_cast<float>(static_cast<std::int32_t>(splitmix(state) >> 40) - (1 << 23)) * (1.0f / 8388608.0f);
+    const float v = offset + scale * u;
+    if (t.dtype == Dtype::F32) {
+      std::memcpy(out.data() + 4 * i, &v, 4);
+    } else {
+      const std::uint16_t h = t.dtype == Dtype::F16 ? f32_to_f16(v) : f32_to_bf16(v);
+      std::memcpy(out.data() + 2 * i, &h, 2);
     }
   }
 }
