@@ -476,6 +476,75 @@ TEST_CASE("eval e2e: metrics match values computed here from the golden states",
              "--concept", "x"}, tmp.path).rc == 2);
 }
 
+TEST_CASE("erase e2e: SD 2.x (BF16) and SDXL (F16) synthetic checkpoints, full / edited / lora / eval", "[e2e]") {
+  TempDir tmp;
+  for (Family family : {Family::SD2, Family::SDXL}) {
+    SynthOptions so;
+    so.family = family;
+    so.dtype = family == Family::SD2 ? Dtype::BF16 : Dtype::F16;
+    so.seed = 11;
+    const std::string fam = family_name(family);
+    fs::path model = tmp.path / (fam + ".safetensors");
+    write_synth_checkpoint(model.string(), so);
+    std::vector<std::string> base = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q",
+                                     "--concept", "Pikachu", "--concept", "Hello Kitty", "--params", "kv",
+                                     "--retain", (kShared / "data/speed/instance.csv:concept").string()};
+    fs::path full = tmp.path / (fam + ".full.safetensors"), edited = tmp.path / (fam + ".edited.safetensors"),
+             lora = tmp.path / (fam + ".lora.safetensors"), report = tmp.path / (fam + ".json");
+    Run r = run(with(base, {"--output", full.string(), "--report", report.string()}), tmp.path);
+    INFO(fam << " stderr: " << r.err);
+    REQUIRE(r.rc == 0);
+    REQUIRE(run(with(base, {"--format", "edited", "--output", edited.string()}), tmp.path).rc == 0);
+    REQUIRE(run(with(base, {"--format", "lora", "--output", lora.string()}), tmp.path).rc == 0);
+    Json rep = Json::parse(slurp(report));
+    CHECK(rep["input"]["family"] == fam);
+    Checkpoint ckpt = open_checkpoint(model.string());
+    CHECK(rep["summary"]["layers_edited"] == ckpt.kv.size());
+    auto in = open_st(model), fst = open_st(full), est = open_st(edited), lst = open_st(lora);
+    std::set<std::string> kv;
+    for (const auto& l : ckpt.kv) kv.insert(l.source);
+    for (const auto& t : in->tensors()) {
+      const TensorInfo& o = fst->at(t.name);
+      INFO("tensor " << t.name);
+      CHECK(o.dtype == t.dtype);
+      CHECK((std::memcmp(in->data(t), fst->data(o), t.nbytes()) == 0) == (kv.count(t.name) == 0));
+    }
+    CHECK(est->tensors().size() == ckpt.kv.size());
+    double worst = 0;
+    for (const auto& l : ckpt.kv) {
+      const TensorInfo& e = est->at(l.canonical);  // diffusers names, stored dtype
+      CHECK(e.dtype == l.dtype);
+      CHECK(std::memcmp(est->data(e), fst->data(fst->at(l.source)), e.nbytes()) == 0);
+      std::string m = lora_module_name(family, l.canonical);
+      at::Tensor up = f64(lst, m + ".lora_up.weight"), down = f64(lst, m + ".lora_down.weight");
+      at::Tensor w = f64(in, l.source), want = f64(est, l.canonical);
+      double rel = (w + at::matmul(up, down) - want).norm().item<double>() / (want - w).norm().item<double>();
+      worst = std::max(worst, rel);
+    }
+    // W' in the edited file is rounded to F16/BF16; the LoRA holds the exact ΔW.
+    double tol = family == Family::SD2 ? 2e-2 : 3e-3;
+    INFO(fam << ": worst |W + up·down - W'_stored| / |dW| = " << worst << " (tolerance " << tol << ")");
+    CHECK(worst < tol);
+    if (family == Family::SDXL) {
+      CHECK(lst->contains("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight"));
+      CHECK(*lst->metadata_value("ss_base_model_version") == "sdxl_base_v1-0");
+    }
+    // eval of the LoRA gives back the run's own target residuals.
+    r = run({"eval", "--model", model.string(), "--lora", lora.string(), "--tokenizer", kMerges, "--no-cache",
+             "-q", "--concept", "Pikachu", "--concept", "Hello Kitty", "--report", "-"}, tmp.path);
+    REQUIRE(r.rc == 0);
+    Json ev = Json::parse(r.out);
+    std::map<std::string, double> ours;
+    for (const auto& L : rep["layers"]) ours[L["name"]] = L["target_residual_mean"];
+    REQUIRE(ev["layers"].size() == ckpt.kv.size());
+    for (const auto& L : ev["layers"]) {
+      INFO(L["name"]);
+      CHECK(L["target_residual"].get<double>() == Approx(ours.at(L["name"])).epsilon(1e-4));
+    }
+  }
+  CHECK(temp_files(tmp.path) == 0);
+}
+
 // Not run by default (hidden tag): a full-size SD 1.x checkpoint (real shapes, seeded random
 // weights, fp16) through the style preset, formats full and lora. Prints the stage timings.
 // Run: build/tests/test_app "[.bench]"
