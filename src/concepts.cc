@@ -1,6 +1,7 @@
 // Concept files, CSV columns, source specs and the target/anchor/retain set (SPEC §1.2, §1.7).
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <unordered_map>
@@ -204,7 +205,8 @@ CsvTable parse_csv(std::string_view data, const std::string& label) {
 std::vector<ConceptEntry> csv_column(const CsvTable& t, const std::string& label,
                                      const std::string& column,
                                      const std::optional<std::string>& where_key,
-                                     const std::optional<std::string>& where_value) {
+                                     const std::optional<std::string>& where_value,
+                                     std::size_t* duplicates) {
   auto index_of = [&](const std::string& name) {
     for (std::size_t c = 0; c < t.header.size(); ++c)
       if (t.header[c] == name) return c;
@@ -218,7 +220,10 @@ std::vector<ConceptEntry> csv_column(const CsvTable& t, const std::string& label
   for (std::size_t r = 0; r < t.rows.size(); ++r) {
     if (where_key && t.rows[r][key] != where_value.value_or("")) continue;
     const std::string& v = t.rows[r][col];
-    if (!seen.insert(v).second) continue;
+    if (!seen.insert(v).second) {
+      if (duplicates) ++*duplicates;
+      continue;
+    }
     out.push_back({v, std::nullopt,
                    fmt::format("file '{}' column '{}' line {}", label, column, t.row_lines[r])});
   }
@@ -238,7 +243,8 @@ std::string resolve_data_path(const std::string& path, const std::optional<std::
 }
 
 std::vector<ConceptEntry> read_source(const std::string& spec_text,
-                                      const std::optional<std::string>& data_dir) {
+                                      const std::optional<std::string>& data_dir,
+                                      std::size_t* duplicates) {
   // The whole spec may itself name a file (paths may contain ':'), also inside the data dir.
   const std::string whole = resolve_data_path(spec_text, data_dir);
   SourceSpec spec = parse_source_spec(whole);
@@ -247,7 +253,8 @@ std::vector<ConceptEntry> read_source(const std::string& spec_text,
     if (ends_with_ci(spec.path, ".csv")) {
       const CsvTable t = parse_csv(data, spec.path);
       for (const auto& h : t.header)
-        if (h == "concept") return csv_column(t, spec.path, "concept");
+        if (h == "concept")
+          return csv_column(t, spec.path, "concept", std::nullopt, std::nullopt, duplicates);
       throw UsageError(fmt::format("csv file '{}' needs a column: '{}:COLUMN' (columns: {})",
                                    spec.path, spec.path, fmt::join(t.header, ", ")));
     }
@@ -256,7 +263,7 @@ std::vector<ConceptEntry> read_source(const std::string& spec_text,
   spec.path = resolve_data_path(spec.path, data_dir);
   const std::string data = detail::read_file_limited(spec.path);
   return csv_column(parse_csv(data, spec.path), spec.path, *spec.column, spec.where_key,
-                    spec.where_value);
+                    spec.where_value, duplicates);
 }
 
 ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets,
@@ -361,11 +368,25 @@ ConceptSet load_concepts(const ConceptInputs& in) {
   }
   for (const auto& c : in.concept_texts) targets.push_back({c, std::nullopt, "--concept"});
   std::vector<std::vector<ConceptEntry>> retain;
+  std::size_t csv_duplicates = 0;  // repeated values inside one CSV column, collapsed on reading
   for (const auto& src : in.retain_sources) {
-    retain.push_back(read_source(src, in.data_dir));
+    retain.push_back(read_source(src, in.data_dir, &csv_duplicates));
     SPEED_CHECK(!retain.back().empty(), "retain source '{}' has no texts", src);
   }
   ConceptSet s = build_concept_set(targets, in.anchors, retain);
+  if (csv_duplicates > 0) {
+    const std::size_t across = s.retain_total - s.retain_unique;
+    s.retain_total += csv_duplicates;
+    auto it = std::find_if(s.notes.begin(), s.notes.end(), [](const std::string& n) {
+      return n.find("duplicate texts") != std::string::npos;
+    });
+    const std::string note = fmt::format("retain: {} duplicate texts removed ({} read, {} unique)",
+                                         csv_duplicates + across, s.retain_total, s.retain_unique);
+    if (it != s.notes.end())
+      *it = note;
+    else
+      s.notes.insert(s.notes.begin(), note);
+  }
   for (const auto& note : s.notes) log().info("{}", note);
   return s;
 }

@@ -103,7 +103,7 @@ NullSpace null_space(const at::Tensor& crr, double tau) {
       fmt::format("layer '{}'{}: C_rr has no eigenvalue below the threshold {} (smallest {:.6g}), "
                   "so the edit would be zero",
                   layer, shared ? " (C_rr is shared by all layers)" : "", tau, smallest),
-      "lower --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = "
+      "raise --threshold, use fewer retain texts, or pass --allow-empty-null-space to accept ΔW = "
       "0");
 }
 

@@ -260,6 +260,8 @@ TEST_CASE("concept files and CSV sources through load_concepts", "[unit]") {
   CHECK(s.targets == std::vector<std::string>{"Snoopy", "Mickey", "Spongebob"});
   CHECK(s.anchors == std::vector<std::string>{"dog", "", ""});
   CHECK(s.retain_unique == 1346);
+  CHECK(s.retain_total == 1352);  // instance.csv has 6 repeated values
+  CHECK_THAT(s.notes.at(0), Contains("retain: 6 duplicate texts removed (1352 read, 1346 unique)"));
   in.concept_sources = {temp_file("bad.txt", "ok\n\xFF\n")};
   CHECK_THAT(error_of([&] { load_concepts(in); }),
              Contains("test_concepts_bad.txt' line 2 is not valid UTF-8"));

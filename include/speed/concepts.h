@@ -57,15 +57,18 @@ struct CsvTable {
 // RFC 4180: fields separated by ',', quoted with '"' ("" inside quotes is a quote), CRLF or LF,
 // a UTF-8 BOM skipped, header row first. A row with a different field count is an error.
 CsvTable parse_csv(std::string_view data, const std::string& label);
-// The de-duplicated values of `column` (rows filtered by where_key == where_value if given).
+// The de-duplicated values of `column` (rows filtered by where_key == where_value if given);
+// `duplicates` (if given) receives the number of repeated values left out.
 std::vector<ConceptEntry> csv_column(const CsvTable& table, const std::string& label,
                                      const std::string& column,
                                      const std::optional<std::string>& where_key = std::nullopt,
-                                     const std::optional<std::string>& where_value = std::nullopt);
+                                     const std::optional<std::string>& where_value = std::nullopt,
+                                     std::size_t* duplicates = nullptr);
 
 // Reads a source spec: a concept file or a CSV column. `data_dir` as for resolve_data_path.
 std::vector<ConceptEntry> read_source(const std::string& spec,
-                                      const std::optional<std::string>& data_dir = std::nullopt);
+                                      const std::optional<std::string>& data_dir = std::nullopt,
+                                      std::size_t* duplicates = nullptr);
 
 // Where a data file named in a preset or on the command line is: the path as given if it exists
 // (or is absolute), else <data_dir>/<path> where data_dir is `data_dir`, else $SPEED_ERASE_DATA.
