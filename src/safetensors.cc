@@ -140,7 +140,7 @@ SafeTensors::~SafeTensors() = default;
 SafeTensors SafeTensors::open(const std::string& path) {
   auto impl = std::make_unique<Impl>();
   impl->label = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block us
   if (fd < 0) {
     int err = errno;
     fail_hint(err == ENOENT ? "check the path" : "", "cannot open '{}': {}", path, std::strerror(err));

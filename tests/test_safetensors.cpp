@@ -1,5 +1,9 @@
 // safetensors reader: every rejection rule of reference/formats.md §1.3 on crafted input, and
 // the accepted forms (metadata, scalars, zero-size tensors, order, zero-copy pointers).
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -205,4 +209,12 @@ TEST_CASE("safetensors: mmap the golden fixture", "[unit][golden]") {
   REQUIRE_THROWS_WITH(SafeTensors::open("/nonexistent/x.safetensors"),
                       Contains("cannot open '/nonexistent/x.safetensors': No such file or directory"));
   REQUIRE_THROWS_WITH(SafeTensors::open(SPEED_SHARED_DIR), Contains("is not a regular file"));
+  // A FIFO is refused without blocking on open().
+  char dir[] = "/tmp/speed-fifo-XXXXXX";
+  REQUIRE(::mkdtemp(dir) != nullptr);
+  const std::string fifo = std::string(dir) + "/model.safetensors";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  REQUIRE_THROWS_WITH(SafeTensors::open(fifo), Contains("is not a regular file"));
+  ::unlink(fifo.c_str());
+  ::rmdir(dir);
 }
