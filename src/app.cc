@@ -100,39 +100,39 @@ std::string resolve_device(const std::string& device) {
 }
 
 void apply_preset(const Preset& p, const std::set<std::string>& given, EraseRequest& r) {
-  auto free = [&](const char* name) { return given.count(name) == 0; };
+  auto not_given = [&](const char* name) { return given.count(name) == 0; };
   // Targets given on the command line replace the preset's targets as a whole.
-  if (free("concepts") && free("concept")) {
+  if (not_given("concepts") && not_given("concept")) {
     if (!p.concept_sources.empty()) r.concepts.concept_sources = p.concept_sources;
     if (!p.concept_texts.empty()) r.concepts.concept_texts = p.concept_texts;
   }
-  if (free("anchor") && p.anchor) r.concepts.anchors = *p.anchor;
-  if (free("retain") && !p.retain.empty()) r.concepts.retain_sources = p.retain;
+  if (not_given("anchor") && p.anchor) r.concepts.anchors = *p.anchor;
+  if (not_given("retain") && !p.retain.empty()) r.concepts.retain_sources = p.retain;
   EraseOptions& e = r.edit;
-  if (free("method") && p.method) e.method = parse_method(*p.method);
-  if (free("params") && p.params) e.params = parse_params(*p.params);
+  if (not_given("method") && p.method) e.method = parse_method(*p.method);
+  if (not_given("params") && p.params) e.params = parse_params(*p.params);
   auto to_int = [](std::int64_t v, const char* name) {
     if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
       throw UsageError(fmt::format("preset value {} of '{}' is out of range", v, name));
     }
     return static_cast<int>(v);
   };
-  if (free("augment") && p.augment) e.augment = to_int(*p.augment, "augment");
-  if (free("iec-clusters") && p.iec_clusters) e.iec_clusters = to_int(*p.iec_clusters, "iec-clusters");
-  if (free("seed") && p.seed) {
+  if (not_given("augment") && p.augment) e.augment = to_int(*p.augment, "augment");
+  if (not_given("iec-clusters") && p.iec_clusters) e.iec_clusters = to_int(*p.iec_clusters, "iec-clusters");
+  if (not_given("seed") && p.seed) {
     if (*p.seed < 0) throw UsageError(fmt::format("preset seed {} is negative", *p.seed));
     e.seed = static_cast<std::uint64_t>(*p.seed);
   }
-  if (free("threshold") && p.threshold) e.threshold = *p.threshold;
-  if (free("retain-scale") && p.retain_scale) e.retain_scale = *p.retain_scale;
-  if (free("lambda") && p.lambda) e.lambda = *p.lambda;
-  if (free("lamb") && p.lamb) e.uce_lamb = *p.lamb;
-  if (free("erase-scale") && p.erase_scale) e.uce_erase_scale = *p.erase_scale;
-  if (free("preserve-scale") && p.preserve_scale) e.uce_preserve_scale = *p.preserve_scale;
-  if (free("no-filter") && p.no_filter) e.ipf = !*p.no_filter;
-  if (free("no-iec") && p.no_iec) e.no_iec = *p.no_iec;
-  if (free("all-tokens") && p.all_tokens) e.all_tokens = *p.all_tokens;
-  if (free("allow-empty-null-space") && p.allow_empty_null_space) {
+  if (not_given("threshold") && p.threshold) e.threshold = *p.threshold;
+  if (not_given("retain-scale") && p.retain_scale) e.retain_scale = *p.retain_scale;
+  if (not_given("lambda") && p.lambda) e.lambda = *p.lambda;
+  if (not_given("lamb") && p.lamb) e.uce_lamb = *p.lamb;
+  if (not_given("erase-scale") && p.erase_scale) e.uce_erase_scale = *p.erase_scale;
+  if (not_given("preserve-scale") && p.preserve_scale) e.uce_preserve_scale = *p.preserve_scale;
+  if (not_given("no-filter") && p.no_filter) e.ipf = !*p.no_filter;
+  if (not_given("no-iec") && p.no_iec) e.no_iec = *p.no_iec;
+  if (not_given("all-tokens") && p.all_tokens) e.all_tokens = *p.all_tokens;
+  if (not_given("allow-empty-null-space") && p.allow_empty_null_space) {
     e.allow_empty_null_space = *p.allow_empty_null_space;
   }
   r.preset = p.name;
