@@ -88,6 +88,8 @@ SourceSpec parse_source_spec(const std::string& spec, bool (*exists)(const std::
   s.path = head;
   if (s.column->empty())
     throw UsageError(fmt::format("source '{}' has an empty column name", spec));
+  if (s.path.empty())  // found by fuzz_concepts: ":concept" would open ''
+    throw UsageError(fmt::format("source '{}' has no file name before ':{}'", spec, *s.column));
   return s;
 }
 
