@@ -57,7 +57,7 @@ run_one() {
   export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
   export SPEED_ERASE_TOKENIZER=${SPEED_ERASE_TOKENIZER:-$root/../shared/data/clip/bpe_simple_vocab_16e6.txt.gz}
   local rc=0
-  "$build/$t" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+  "$build/fuzz/$t" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "${dict[@]}" "$@" "$corpus" "${seeds[@]}" >"$log" 2>&1 || rc=$?
   local execs speed
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
