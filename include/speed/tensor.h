@@ -54,6 +54,27 @@ std::uint64_t hash64(const void* data, std::size_t n, std::uint64_t seed = 0);
 std::uint64_t hash_combine(std::uint64_t h, std::uint64_t value);
 std::string hex64(std::uint64_t h);  // 16 lower-case hex digits
 
+// ---- threads (build-env.md trap 6) ----
+// CPU cores this process may run on (sched_getaffinity; at least 1).
+int available_cores();
+// Sets LibTorch's intra-op pool and OpenBLAS's own pool (openblas_set_num_threads, looked up with
+// dlsym: absent with another BLAS) to n >= 1.
+void set_compute_threads(int n);
+// OpenBLAS's pool size, 0 when the BLAS is not OpenBLAS.
+int blas_threads();
+// While alive, OpenBLAS runs single-threaded (for work that is already parallel over layers:
+// nested pools on few cores only oversubscribe); restores the previous size.
+class SerialBlas {
+ public:
+  SerialBlas();
+  ~SerialBlas();
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int saved_ = 0;
+};
+
 // "[768, 512]" (the message grammar's shape form).
 std::string shape_string(at::IntArrayRef shape);
 
