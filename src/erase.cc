@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include <ATen/Parallel.h>
+
 #include "erase_internal.h"
 #include "speed/error.h"
 #include "speed/log.h"
@@ -302,8 +304,20 @@ EditResult edit_uce(const EmbeddingSets& sets, const std::vector<LayerInput>& la
 
 EditResult edit_layers(const EmbeddingSets& sets, const std::vector<LayerInput>& layers,
                        const EraseOptions& options) {
-  if (options.method == EditMethod::Uce) return edit_uce(sets, layers, options);
-  return detail::edit_speed(sets, layers, options);
+  // The whole edit runs with single-threaded BLAS and LibTorch ops, parallel over layers only:
+  // OpenBLAS's factorizations (potrf, getrf) and LibTorch's large reductions split their work by
+  // the thread count, so any other choice would make the bytes depend on --threads. Nested
+  // pools on few cores would only oversubscribe anyway.
+  EraseOptions o = options;
+  if (o.threads <= 0) o.threads = std::max(1, at::get_num_threads());
+  const SerialBlas serial_blas;
+  struct TorchThreads {
+    int saved = at::get_num_threads();
+    TorchThreads() { at::set_num_threads(1); }
+    ~TorchThreads() { at::set_num_threads(saved); }
+  } torch_threads;
+  if (o.method == EditMethod::Uce) return edit_uce(sets, layers, o);
+  return detail::edit_speed(sets, layers, o);
 }
 
 }  // namespace speed

@@ -260,6 +260,17 @@ TEST_CASE("the DPA direction is the last right singular vector of W", "[unit]") 
     INFO("out " << out << ": |<v, v_svd>| = " << align);
     CHECK(std::abs(1 - align) < 1e-12);
   }
+  // d > 64: the shift comes from a Ritz estimate (Cholesky + block inverse iteration).
+  for (std::int64_t out : {300, 200, 120}) {
+    const at::Tensor W = randn({out, 200}, 200 + out);
+    const at::Tensor Vh = std::get<2>(at::linalg_svd(W, false));
+    const at::Tensor gram = out >= 200 ? at::matmul(W.t(), W) : at::matmul(W, W.t());
+    at::Tensor v = speed::detail::smallest_eigenvector(gram);
+    if (out < 200) v = at::matmul(W.t(), v), v = v / v.norm();
+    const double align = std::abs(at::dot(v, Vh[Vh.size(0) - 1]).item<double>());
+    INFO("out " << out << ", d 200: |<v, v_svd>| = " << align);
+    CHECK(std::abs(1 - align) < 1e-12);
+  }
 }
 
 TEST_CASE("UCE equals its closed form computed independently with Eigen", "[unit]") {
