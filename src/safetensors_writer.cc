@@ -1,4 +1,7 @@
 // safetensors writers: header serialisation, whole-file and streaming writes, rewrite.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <set>
@@ -137,6 +140,32 @@ void write_safetensors(const std::string& path, const std::vector<TensorData>& t
   w.commit();
 }
 
+namespace {
+
+// Writes bytes that lie in `source`'s mapping in 64 MiB pieces and drops each piece's pages from
+// this process once written (MADV_DONTNEED on a read-only file mapping: the page cache keeps
+// them, a later read faults them in again). Copying a 2 GB checkpoint otherwise leaves all of it
+// resident: peak RSS would grow by the file size.
+void write_released(detail::AtomicFile& file, const SafeTensors& source, const void* data,
+                    std::size_t n) {
+  const auto* p = static_cast<const std::uint8_t*>(data);
+  const std::uint8_t* base = source.bytes();
+  const bool mapped = n > 0 && p >= base && p + n <= base + source.file_size();
+  constexpr std::size_t kPiece = std::size_t{64} << 20;
+  static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  for (std::size_t off = 0; off < n; off += kPiece) {
+    const std::size_t len = std::min(kPiece, n - off);
+    file.write(p + off, len);
+    if (!mapped) continue;
+    // Whole pages inside this piece only: neighbours may still be needed.
+    const auto b = (reinterpret_cast<std::uintptr_t>(p + off) + page - 1) / page * page;
+    const auto e = reinterpret_cast<std::uintptr_t>(p + off + len) / page * page;
+    if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+  }
+}
+
+}  // namespace
+
 void rewrite_safetensors(const SafeTensors& source, const std::string& path,
                          const RewriteOptions& options) {
   const std::string& src = source.path();
@@ -211,13 +240,13 @@ void rewrite_safetensors(const SafeTensors& source, const std::string& path,
     std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
       return from[a]->begin != from[b]->begin ? from[a]->begin < from[b]->begin : from[a]->end < from[b]->end;
     });
-    for (std::size_t i : order) file.write(out[i].data, out[i].nbytes);
+    for (std::size_t i : order) write_released(file, source, out[i].data, out[i].nbytes);
   } else {
     std::string header = make_header(out, md);
     std::string n = le64(header.size());
     file.write(n.data(), n.size());
     file.write(header.data(), header.size());
-    for (const auto& t : out) file.write(t.data, t.nbytes);
+    for (const auto& t : out) write_released(file, source, t.data, t.nbytes);
   }
   file.commit();
 }
