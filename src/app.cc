@@ -151,7 +151,9 @@ RunResult run_erase(const EraseRequest& req) {
 
   validate_options(req.edit);
   res.device = resolve_device(req.device);
-  if (req.threads > 0) at::set_num_threads(req.threads);
+  // Every core by default (LibTorch alone would start with 1 here); OpenBLAS's pool gets the same
+  // size so that the two pools are decided together (docs/performance.md).
+  set_compute_threads(req.threads > 0 ? req.threads : available_cores());
 
   // ---- load ----
   Stopwatch sw;

@@ -37,7 +37,7 @@ struct EraseRequest {
   std::optional<std::string> tokenizer;  // --tokenizer
   ExportOptions output;                  // --output, --format, --force, --drop-ema
   std::optional<std::string> report;     // --report PATH or "-" (stdout: the CLI prints it)
-  int threads = 0;                       // --threads (0: leave LibTorch's default)
+  int threads = 0;                       // --threads (0: every core, see available_cores())
   bool no_cache = false;                 // --no-cache
   std::optional<std::string> cache_dir;  // --cache-dir (default: embed.h default_cache_dir())
   std::optional<std::string> preset;     // for the report: the preset's name
