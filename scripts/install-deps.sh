@@ -9,6 +9,7 @@ pkgs=(
   libsentencepiece-dev sentencepiece
   libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev libeigen3-dev catch2
   libutf8proc-dev zlib1g-dev
+  time                          # /usr/bin/time -v: peak RSS in scripts/bench.sh
 )
 for a in "$@"; do
   case "$a" in
