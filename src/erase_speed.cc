@@ -401,30 +401,34 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     total += s;
   };
   std::exception_ptr b_error;
-  auto run_b = [&] {  // phase B: the one random stream, in layer order
-    bool failed = false;
-    for (std::size_t i = 0; i < L; ++i) {
-      if (wait_state(a_state, i) == 2 || failed) {
-        failed = true;
-        set_state(b_state, i, 2);
-        continue;
-      }
-      try {
-        const auto tb = std::chrono::steady_clock::now();
-        draw_augmentation(work[i], gen, o, d);
-        add_secs(secs_b, tb);
-        set_state(b_state, i, 1);
-      } catch (...) {
-        b_error = std::current_exception();
-        failed = true;
-        set_state(b_state, i, 2);
-      }
+  bool b_failed = false;              // touched by the one thread that runs phase B
+  auto step_b = [&](std::size_t i) {  // phase B of layer i (callers go in layer order)
+    if (wait_state(a_state, i) == 2 || b_failed) {
+      b_failed = true;
+      set_state(b_state, i, 2);
+      return;
+    }
+    try {
+      const auto tb = std::chrono::steady_clock::now();
+      draw_augmentation(work[i], gen, o, d);
+      work[i].ER = at::Tensor();  // [n_k, out]: only B needs it (16 of them at 10k rows: ~1 GB)
+      add_secs(secs_b, tb);
+      set_state(b_state, i, 1);
+    } catch (...) {
+      b_error = std::current_exception();
+      b_failed = true;
+      set_state(b_state, i, 2);
     }
   };
-  // One worker (--threads 1): B runs inline before the first C task, so one thread does all.
+  // Several workers: B runs in its own thread, and phase A stays at most `lag` layers ahead of
+  // it (bounded memory). One worker (--threads 1): B(i) runs inline right after A(i).
   const int workers = o.threads > 0 ? o.threads : std::max(1, at::get_num_threads());
+  const std::size_t lag = static_cast<std::size_t>(workers) + 1;
   std::thread drawer;
-  if (pipeline && workers > 1) drawer = std::thread(run_b);
+  if (pipeline && workers > 1)
+    drawer = std::thread([&] {
+      for (std::size_t i = 0; i < L; ++i) step_b(i);
+    });
 
   auto phase_a = [&](std::size_t i) {
     LayerWork& w = work[i];
@@ -488,6 +492,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     for_each_layer(a_tasks + L, o.threads, [&](std::size_t t) {
       const auto ts = std::chrono::steady_clock::now();
       if (t < a_tasks) {
+        if (pipeline && workers > 1 && t >= lag) wait_state(b_state, t - lag);
         try {
           phase_a(t);
         } catch (...) {
@@ -496,10 +501,10 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
         }
         set_state(a_state, t, 1);
         add_secs(secs_a, ts);
+        if (pipeline && workers <= 1) step_b(t);
         return;
       }
       const std::size_t i = t - a_tasks;
-      if (pipeline && workers <= 1 && i == 0) run_b();
       if (pipeline && wait_state(b_state, i) == 2) return;  // reported by phase A or B
       phase_c(i);
       add_secs(secs_c, ts);
