@@ -14,7 +14,7 @@ pkgs=(
 for a in "$@"; do
   case "$a" in
     --with-python) pkgs+=(python3-torch) ;;
-    --with-fuzz) pkgs+=(clang-14 libclang-rt-14-dev) ;;
+    --with-fuzz) pkgs+=(clang clang-14 libclang-rt-14-dev) ;;
     *) echo "error: unknown option '$a'" >&2; exit 2 ;;
   esac
 done
