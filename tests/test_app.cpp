@@ -24,6 +24,7 @@
 #include "speed/safetensors.h"
 #include "speed/synth.h"
 #include "speed/tensor.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
@@ -31,27 +32,16 @@ using namespace speed;
 
 namespace {
 
+using test::slurp;
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("speed-app") {}
+};
+
 const fs::path kShared = SPEED_SHARED_DIR;
 const fs::path kGolden = kShared / "golden";
 const std::string kMerges = (kShared / "data/clip/bpe_simple_vocab_16e6.txt.gz").string();
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "speed-app-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 std::string quote(const std::string& s) {
   std::string q = "'";

@@ -18,31 +18,21 @@
 #include "speed/safetensors.h"
 #include "speed/synth.h"
 #include "speed/tensor.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using namespace speed;
 
 namespace {
 
-const fs::path kGolden = fs::path(SPEED_SHARED_DIR) / "golden";
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "speed-export-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+using test::slurp;
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("speed-export") {}
 };
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+const fs::path kGolden = fs::path(SPEED_SHARED_DIR) / "golden";
+
+
 
 // Read-only golden files: copy (and make writable) before use.
 fs::path copy_fixture(const fs::path& from, const fs::path& dir) {

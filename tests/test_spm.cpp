@@ -15,8 +15,11 @@
 
 #include "speed/error.h"
 #include "speed/spm.h"
+#include "test_support.h"
 
 namespace {
+
+using speed::test::require_error;
 
 const std::string kShared = SPEED_SHARED_DIR;
 
@@ -94,15 +97,6 @@ std::string join(const std::vector<std::int32_t>& ids) {
   return s;
 }
 
-void require_error(const std::function<void()>& fn, const std::string& substring) {
-  try {
-    fn();
-    FAIL("expected an error containing '" << substring << "'");
-  } catch (const speed::Error& e) {
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(substring) != std::string::npos);
-  }
-}
 
 }  // namespace
 

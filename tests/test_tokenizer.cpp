@@ -15,8 +15,11 @@
 #include "../src/tokenizer_internal.h"
 #include "speed/error.h"
 #include "speed/tokenizer.h"
+#include "test_support.h"
 
 namespace {
+
+using speed::test::require_error;
 
 const std::string kShared = SPEED_SHARED_DIR;
 const std::string kGz = kShared + "/data/clip/bpe_simple_vocab_16e6.txt.gz";
@@ -75,15 +78,6 @@ std::string gunzipped_merges() {
   return text;
 }
 
-void require_error(const std::function<void()>& fn, const std::string& substring) {
-  try {
-    fn();
-    FAIL("expected an error containing '" << substring << "'");
-  } catch (const speed::Error& e) {
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(substring) != std::string::npos);
-  }
-}
 
 }  // namespace
 
