@@ -165,8 +165,12 @@ void check_finite(const at::Tensor& t, const char* what) {
   SPEED_CHECK(at::isfinite(t).all().item<bool>(), "{} contain non-finite values", what);
 }
 
-void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW, const Prepared& p,
-              LayerDiagnostics& g, const at::Tensor& dw_r_norms) {
+namespace {
+
+// The diagnostics other than the target residuals. dw_k2 = ΔW K2 when the caller has it cheaper.
+void diagnose_common(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW,
+                     const Prepared& p, LayerDiagnostics& g, const at::Tensor& dw_r_norms,
+                     const at::Tensor& dw_k2) {
   g.name = layer.name;
   g.out = W.size(0);
   g.in = W.size(1);
@@ -174,21 +178,7 @@ void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW
   g.dw_fro = fro(dW);
   g.rel_dw = g.w_fro > 0 ? g.dw_fro / g.w_fro : 0;
   const double wk = fro(at::matmul(W, p.k2));
-  g.iec_residual = wk > 0 ? fro(at::matmul(dW, p.k2)) / wk : 0;
-
-  // Targets: ‖W' e_i − W e*_i‖ / ‖W e_i − W e*_i‖ with e_i [T, d] (T = 1 or 76).
-  const at::Tensor We = at::matmul(p.targets, W.t());  // [N, T, out]
-  const at::Tensor Wa = at::matmul(p.anchors, W.t());
-  const at::Tensor dWe = at::matmul(p.targets, dW.t());
-  const at::Tensor num = (We + dWe - Wa).flatten(1).norm(2, {1}).cpu();
-  const at::Tensor den = (We - Wa).flatten(1).norm(2, {1}).cpu();
-  double sum = 0;
-  std::int64_t used = 0;
-  for (std::int64_t i = 0; i < num.size(0); ++i) {
-    const double dn = den[i].item<double>();
-    if (dn > 0) sum += num[i].item<double>() / dn, ++used;
-  }
-  g.target_residual_mean = used ? sum / static_cast<double>(used) : 0.0;
+  g.iec_residual = wk > 0 ? fro(dw_k2.defined() ? dw_k2 : at::matmul(dW, p.k2)) / wk : 0;
 
   // The denominators ‖W r‖ in float32 (relative error ~1e-7, the cost of one n×d×out product);
   // the numerators ‖ΔW r‖, which are ~1e-13 for an exact null space, stay float64.
@@ -201,6 +191,49 @@ void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW
     g.retain_residual_mean = ratio.mean().item<double>();
     g.retain_residual_max = ratio.max().item<double>();
   }
+}
+
+// mean_i num_i / den_i over the targets with den_i > 0, from per-row squared norms [N·T]
+// grouped by target (T rows each).
+double residual_mean(const at::Tensor& num_sq, const at::Tensor& den_sq, std::int64_t n) {
+  const at::Tensor num = num_sq.view({n, -1}).sum(1).sqrt().cpu();
+  const at::Tensor den = den_sq.view({n, -1}).sum(1).sqrt().cpu();
+  const double* a = num.data_ptr<double>();
+  const double* b = den.data_ptr<double>();
+  double sum = 0;
+  std::int64_t used = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (b[i] > 0) sum += a[i] / b[i], ++used;
+  }
+  return used ? sum / static_cast<double>(used) : 0.0;
+}
+
+}  // namespace
+
+void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW, const Prepared& p,
+              LayerDiagnostics& g, const at::Tensor& dw_r_norms) {
+  diagnose_common(layer, W, dW, p, g, dw_r_norms, at::Tensor());
+  // Targets: ‖W' e_i − W e*_i‖ / ‖W e_i − W e*_i‖ with e_i [T, d] (T = 1 or 76).
+  const std::int64_t d = W.size(1);
+  const at::Tensor t = p.targets.reshape({-1, d}), a = p.anchors.reshape({-1, d});
+  const at::Tensor diff = at::matmul(t - a, W.t());  // (W e − W e*) rows
+  const at::Tensor num = diff + at::matmul(t, dW.t());
+  g.target_residual_mean = residual_mean((num * num).sum(1), (diff * diff).sum(1), p.targets.size(0));
+}
+
+void diagnose_factored(const LayerInput& layer, const at::Tensor& W, const at::Tensor& WL,
+                       const at::Tensor& F, const at::Tensor& dW, const Prepared& p,
+                       LayerDiagnostics& g, const at::Tensor& dw_r_norms) {
+  const std::int64_t rows = p.targets.size(0) * p.targets.size(1);
+  if (p.tm.size(0) != rows) return diagnose(layer, W, dW, p, g, dw_r_norms);  // T, L after a QR
+  diagnose_common(layer, W, dW, p, g, dw_r_norms, at::matmul(WL, at::matmul(F, p.k2)));
+  // With ΔW = (W Lᵀ) F and l = e* − e: W' e − W e* = ΔW e − W l, so over all target rows
+  // [W' e − W e*] = (T Fᵀ − I)(W Lᵀ)ᵀ and [W e − W e*] = −(W Lᵀ)ᵀ: N'×N'×out work, not N'×d×out.
+  const at::Tensor WLt = WL.t();
+  const at::Tensor TF = at::matmul(p.tm, F.t());
+  const at::Tensor num = at::matmul(TF, WLt) - WLt;
+  g.target_residual_mean =
+      residual_mean((num * num).sum(1), (WLt * WLt).sum(1), p.targets.size(0));
 }
 
 Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& result) {

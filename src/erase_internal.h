@@ -32,6 +32,10 @@ at::Tensor layer_weight(const LayerInput& layer, const Prepared& p);
 // `dw_r_norms`: ‖ΔW r‖ of every retain row when the caller has them cheaper (else from dW).
 void diagnose(const LayerInput& layer, const at::Tensor& W, const at::Tensor& dW, const Prepared& p,
               LayerDiagnostics& g, const at::Tensor& dw_r_norms = at::Tensor());
+// The same for ΔW = (W Lᵀ) F (the SPEED factor), at N'×N'×out cost for the target residuals.
+void diagnose_factored(const LayerInput& layer, const at::Tensor& W, const at::Tensor& WL,
+                       const at::Tensor& F, const at::Tensor& dW, const Prepared& p,
+                       LayerDiagnostics& g, const at::Tensor& dw_r_norms);
 double fro(const at::Tensor& t);
 void check_finite(const at::Tensor& t, const char* what);
 

@@ -154,6 +154,12 @@ at::Tensor left_factor(const Prepared& p, const NullSpace& ns, const EraseOption
 
 namespace {
 
+// x ← (L Lᵀ)⁻¹ x by two triangular solves (BLAS trsm on L as it is: cholesky_solve would copy
+// the d×d factor on every call).
+at::Tensor chol_solve(const at::Tensor& L, const at::Tensor& x) {
+  return at::linalg_solve_triangular(L.mT(), at::linalg_solve_triangular(L, x, false), true);
+}
+
 // Estimates (λ1, λ2, residual bound) of a symmetric positive definite `gram` without a full
 // eigenvalue solve: one Cholesky factor, block inverse iteration on 8 vectors, Rayleigh-Ritz.
 // About a third of eigvalsh's cost for d = 768 (the factor dominates). False when gram is not
@@ -168,7 +174,7 @@ bool ritz_estimate(const at::Tensor& gram, double& l1, double& l2, double& resid
   const at::Tensor j = at::arange(1, k + 1, gram.options()).unsqueeze(0);
   at::Tensor X = std::get<0>(at::linalg_qr(at::sin(i * j * 1.618033988749895 + j), "reduced"));
   for (int it = 0; it < 12; ++it)
-    X = std::get<0>(at::linalg_qr(at::cholesky_solve(X, L0), "reduced"));
+    X = std::get<0>(at::linalg_qr(chol_solve(L0, X), "reduced"));
   const at::Tensor GX = at::matmul(gram, X);
   at::Tensor theta, Y;
   std::tie(theta, Y) = at::linalg_eigh(at::matmul(X.t(), GX));
@@ -194,7 +200,7 @@ at::Tensor smallest_eigenvector(const at::Tensor& gram) {
     at::Tensor x = at::sin(at::arange(1, d + 1, gram.options()) * 1.618033988749895).unsqueeze(1);
     x = x / x.norm();
     for (int it = 0; it < 200; ++it) {
-      at::Tensor y = at::cholesky_solve(x, L);
+      at::Tensor y = chol_solve(L, x);
       y = y / y.norm();
       // Converged when the direction stops changing (sign-independent).
       const double change = 1.0 - std::abs(at::sum(y * x).item<double>());
@@ -235,40 +241,71 @@ at::Tensor dpa_direction(const at::Tensor& W) {
 }
 
 struct LayerWork {
-  at::Tensor W, WL, ER;  // W [out, d]; W Lᵀ [out, N']; ER = R_k Eᵀ [n_k, out] for the kept rows
-  at::Tensor kept;       // indices into the shuffled R (int64, math device)
-  at::Tensor v, Ev;      // DPA direction [d], E v [out]
+  at::Tensor W, WL;  // W [out, d]; W Lᵀ [out, N']
+  at::Tensor kept;   // indices into the shuffled R (int64, math device)
+  at::Tensor v;      // DPA direction [d]
+  // What phase B needs of E r' = E r + c E v for the kept rows r, on the CPU: ‖E r‖², (E r)·(E v)
+  // and ‖E v‖², so that ‖E r'‖² = ‖E r‖² + 2c (E r)·(E v) + c² ‖E v‖² costs O(1) per noise row.
+  at::Tensor v_cpu, er_sq, er_ev;
+  double ev_sq = 0;
   at::Tensor aug_rows;   // kept perturbed rows: source index into kept (int64) ...
   at::Tensor aug_c;      // ... and coefficient c (float64)
 };
 
-// Phase B for one layer: the reference's generate_perturbed_embs, chunk by chunk.
+// n·v for one float32 noise row (fixed summation order: the bytes never depend on threads).
+double noise_dot(const float* n, const double* v, std::int64_t d) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  std::int64_t k = 0;
+  for (; k + 4 <= d; k += 4) {
+    s0 += static_cast<double>(n[k]) * v[k];
+    s1 += static_cast<double>(n[k + 1]) * v[k + 1];
+    s2 += static_cast<double>(n[k + 2]) * v[k + 2];
+    s3 += static_cast<double>(n[k + 3]) * v[k + 3];
+  }
+  for (; k < d; ++k) s0 += static_cast<double>(n[k]) * v[k];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// Phase B for one layer: the reference's generate_perturbed_embs, chunk by chunk. Only the noise
+// draws touch d-sized data; the influence of each perturbed row is O(1) (see LayerWork).
 void draw_augmentation(LayerWork& w, at::Generator& gen, const EraseOptions& o, std::int64_t d) {
   const std::int64_t nk = w.kept.size(0);
-  const at::Device dev = w.W.device();
-  std::vector<at::Tensor> rows_out, c_out;
-  for (std::int64_t cs = 0; cs < nk; cs += kChunk) {
-    const std::int64_t ce = std::min(nk, cs + kChunk);
-    std::vector<at::Tensor> noise;
-    std::vector<std::int64_t> rows;
-    for (std::int64_t mb = cs; mb < ce; mb += kMiniBatch) {
-      const std::int64_t b = std::min(kMiniBatch, ce - mb);
+  const double* v = w.v_cpu.data_ptr<double>();
+  const double* sq = w.er_sq.data_ptr<double>();
+  const double* ab = w.er_ev.data_ptr<double>();
+  const double bb = w.ev_sq;
+  std::vector<std::int64_t> rows_out, rows;
+  std::vector<double> c_out, cs, norms;
+  const auto per_chunk = static_cast<std::size_t>(std::min(nk, kChunk) * std::max(o.augment, 0));
+  rows.reserve(per_chunk), cs.reserve(per_chunk), norms.reserve(per_chunk);
+  for (std::int64_t c0 = 0; c0 < nk; c0 += kChunk) {
+    const std::int64_t c1 = std::min(nk, c0 + kChunk);
+    rows.clear(), cs.clear(), norms.clear();
+    for (std::int64_t mb = c0; mb < c1; mb += kMiniBatch) {
+      const std::int64_t b = std::min(kMiniBatch, c1 - mb);
       for (int a = 0; a < o.augment; ++a) {
-        noise.push_back(at::randn({b, d}, gen, at::TensorOptions().dtype(at::kFloat)));
-        for (std::int64_t r = 0; r < b; ++r) rows.push_back(mb + r);
+        const at::Tensor noise = at::randn({b, d}, gen, at::TensorOptions().dtype(at::kFloat));
+        const float* n = noise.data_ptr<float>();
+        for (std::int64_t r = 0; r < b; ++r) {
+          const double c = noise_dot(n + r * d, v, d);  // r + n v vᵀ = r + c vᵀ
+          const std::int64_t k = mb + r;
+          rows.push_back(k);
+          cs.push_back(c);
+          norms.push_back(std::sqrt(std::max(0.0, sq[k] + 2.0 * c * ab[k] + c * c * bb)));
+        }
       }
     }
-    const at::Tensor c = at::matmul(at::cat(noise, 0).to(dev, at::kDouble), w.v);  // n v vᵀ = c vᵀ
-    const at::Tensor idx = at::tensor(rows, at::kLong).to(dev);
-    const at::Tensor norms =
-        (w.ER.index_select(0, idx) + c.unsqueeze(1) * w.Ev.unsqueeze(0)).norm(2, {1});
-    const at::Tensor keep = norms > norms.mean();
-    rows_out.push_back(idx.masked_select(keep));
-    c_out.push_back(c.masked_select(keep));
+    if (norms.empty()) continue;
+    double mean = 0;
+    for (double x : norms) mean += x;
+    mean /= static_cast<double>(norms.size());
+    for (std::size_t i = 0; i < norms.size(); ++i) {
+      if (norms[i] > mean) rows_out.push_back(rows[i]), c_out.push_back(cs[i]);
+    }
   }
-  w.aug_rows = rows_out.empty() ? at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev))
-                                : at::cat(rows_out);
-  w.aug_c = c_out.empty() ? at::empty({0}, w.W.options()) : at::cat(c_out);
+  const at::Device dev = w.W.device();
+  w.aug_rows = at::tensor(rows_out, at::TensorOptions().dtype(at::kLong)).to(dev);
+  w.aug_c = at::tensor(c_out, at::TensorOptions().dtype(at::kDouble)).to(dev);
 }
 
 // C_rr over the kept rows and the kept perturbed rows r + c v, without forming the latter:
@@ -411,7 +448,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     try {
       const auto tb = std::chrono::steady_clock::now();
       draw_augmentation(work[i], gen, o, d);
-      work[i].ER = at::Tensor();  // [n_k, out]: only B needs it (16 of them at 10k rows: ~1 GB)
+      work[i].er_sq = work[i].er_ev = at::Tensor();
       add_secs(secs_b, tb);
       set_state(b_state, i, 1);
     } catch (...) {
@@ -446,10 +483,13 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     } else {
       w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
     }
-    w.ER = ER;
     if (o.augment > 0) {
       w.v = dpa_direction(w.W);
-      w.Ev = at::matmul(w.WL, at::matmul(J, w.v));
+      const at::Tensor Ev = at::matmul(w.WL, at::matmul(J, w.v));  // E v [out]
+      w.v_cpu = w.v.to(at::kCPU).contiguous();
+      w.er_sq = (ER * ER).sum(1).to(at::kCPU).contiguous();
+      w.er_ev = at::matmul(ER, Ev).to(at::kCPU).contiguous();
+      w.ev_sq = at::dot(Ev, Ev).item<double>();
     }
   };
 
@@ -483,7 +523,8 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     lr.delta = at::matmul(w.WL, F);
     SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite",
                 layers[i].name);
-    diagnose(layers[i], w.W, lr.delta, p, g, at::matmul(RF, w.WL.t()).norm(2, {1}));
+    diagnose_factored(layers[i], w.W, w.WL, F, lr.delta, p, g,
+                      at::matmul(RF, w.WL.t()).norm(2, {1}));
     w = LayerWork{};  // free this layer's rows early
   };
 
