@@ -58,6 +58,8 @@ at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::in
 at::Tensor run(const TextEncoder::Impl& impl, const at::Tensor& ids_in,
                const TextEncoder::Prefix* prefix, TextEncoder::Prefix* capture) {
   c10::InferenceMode guard;
+  SPEED_CHECK(impl.options.weights, "text encoder '{}' was loaded for validation only (no weights)",
+              impl.info.prefix);
   const ClipText& m = *impl.model;
   const std::int64_t P = prefix ? prefix->length : 0;
   const at::Tensor ids = check_ids(ids_in, impl.info, P, impl.device);

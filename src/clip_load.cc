@@ -69,7 +69,8 @@ class Loader {
 
   // The tensor in the compute dtype on the compute device (the view itself when it already is).
   at::Tensor compute(const std::string& rel, std::vector<std::int64_t> expected) {
-    return take(rel, std::move(expected)).to(impl_.device, impl_.dtype);
+    at::Tensor t = take(rel, std::move(expected));
+    return impl_.options.weights ? t.to(impl_.device, impl_.dtype) : t;
   }
 
   // Every tensor under the prefix must have been used or be one that SD ignores.
@@ -139,7 +140,7 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
   // The token table stays in its stored dtype: only the gathered rows are widened.
   at::Tensor tok = L.take(hf ? "embeddings.token_embedding.weight" : "token_embedding.weight",
                           {info.vocab, W});
-  tok = tok.to(impl->device);
+  if (options.weights) tok = tok.to(impl->device);
   model.embeddings->token_embedding = leaf(*model.embeddings, "token_embedding", tok, {});
   model.embeddings->position_embedding =
       leaf(*model.embeddings, "position_embedding",
@@ -153,7 +154,15 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
                              : fmt::format("transformer.resblocks.{}.", i);
     auto blk = std::make_shared<Block>();
     auto attn = std::make_shared<Attention>();
-    if (hf) {
+    if (hf && !options.weights) {
+      for (const char* name : {"q_proj", "k_proj", "v_proj"}) {  // checked and hashed, not fused
+        L.take(p + "self_attn." + name + ".weight", {W, W});
+        L.take(p + "self_attn." + name + ".bias", {W});
+      }
+      // Placeholders with the right shapes (expanded views: no memory), never read.
+      attn->in_w = at::zeros({1, 1}, at::TensorOptions().dtype(impl->dtype)).expand({3 * W, W});
+      attn->in_b = at::zeros({1}, at::TensorOptions().dtype(impl->dtype)).expand({3 * W});
+    } else if (hf) {
       attn->in_w = at::empty({3 * W, W}, opts);
       attn->in_b = at::empty({3 * W}, opts);
       const char* names[3] = {"q_proj", "k_proj", "v_proj"};
@@ -202,8 +211,8 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
     return layer >= impl->layers_run && layer < info.layers;
   });
   impl->model = std::move(m);
-  log().debug("text encoder '{}' loaded: width {}, {} of {} layers, {} heads, {}, {}",
-              info.prefix, W, impl->layers_run, info.layers, info.heads,
+  log().debug("text encoder '{}' {}: width {}, {} of {} layers, {} heads, {}, {}", info.prefix,
+              options.weights ? "loaded" : "checked (weights not converted yet)", W, impl->layers_run, info.layers, info.heads,
               info.activation == Activation::QuickGELU ? "quick_gelu" : "gelu",
               info.final_layer_norm ? "final LN" : "no final LN");
   return impl;

@@ -30,7 +30,13 @@ std::optional<std::string> default_cache_dir() {
 }
 
 struct Embedder::Impl {
+  // Validated and hashed at construction, converted to the compute dtype only before the first
+  // forward: a run whose prompts are all cached never pays for the ~0.5 GB float32 copy.
   std::vector<std::unique_ptr<TextEncoder>> encoders;
+  std::vector<std::pair<std::shared_ptr<const SafeTensors>, TextEncoderInfo>> sources;
+  bool loaded = false;
+  void load_weights();
+  const std::string& combined_hash();
   std::unique_ptr<ClipTokenizer> tokenizer;
   EmbedOptions options;
   std::int64_t width = 0;
@@ -53,7 +59,10 @@ Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tok
               options.max_batch_tokens);
   impl_->options = options;
   for (std::size_t i = 0; i < ckpt.text_encoders.size(); ++i) {
-    impl_->encoders.push_back(TextEncoder::load(ckpt, i, {options.dtype, options.device}));
+    TextEncoderOptions eo{options.dtype, options.device};
+    eo.weights = false;
+    impl_->encoders.push_back(TextEncoder::load(ckpt, i, eo));
+    impl_->sources.emplace_back(ckpt.files[ckpt.text_encoders[i].file].st, ckpt.text_encoders[i]);
     impl_->width += ckpt.text_encoders[i].width;
   }
   std::optional<std::string> model_tok = ckpt.text_encoders[0].tokenizer_dir
@@ -66,20 +75,33 @@ Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tok
 
 Embedder::~Embedder() = default;
 
+void Embedder::Impl::load_weights() {
+  if (loaded) return;
+  combined_hash();  // from the stored bytes, before the validating encoders go
+  for (std::size_t i = 0; i < encoders.size(); ++i) {
+    encoders[i] = TextEncoder::load(sources[i].first, sources[i].second,
+                                    {options.dtype, options.device});
+  }
+  loaded = true;
+}
+
 std::int64_t Embedder::width() const { return impl_->width; }
 int Embedder::pad_id() const { return impl_->encoders[0]->info().pad_id; }
 const ClipTokenizer& Embedder::tokenizer() const { return *impl_->tokenizer; }
+bool Embedder::weights_loaded() const { return impl_->loaded; }
 std::int64_t Embedder::cache_hits() const { return impl_->hits; }
 std::int64_t Embedder::cache_misses() const { return impl_->misses; }
 
-const std::string& Embedder::weights_hash() const {
-  if (impl_->hash.empty()) {
+const std::string& Embedder::Impl::combined_hash() {
+  if (hash.empty()) {
     std::uint64_t h = 0;
-    for (const auto& e : impl_->encoders) h = hash_combine(h, e->weights_hash());
-    impl_->hash = hex64(h);
+    for (const auto& e : encoders) h = hash_combine(h, e->weights_hash());
+    hash = hex64(h);
   }
-  return impl_->hash;
+  return hash;
 }
+
+const std::string& Embedder::weights_hash() const { return impl_->combined_hash(); }
 
 std::vector<TokenizedPrompt> Embedder::tokenize(const std::vector<std::string>& prompts) const {
   std::vector<TokenizedPrompt> out;
@@ -174,6 +196,7 @@ at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mod
     by_length[static_cast<std::int64_t>(keys[u].ids.size())].push_back(u);
   }
 
+  if (!by_length.empty()) load_weights();
   std::vector<std::optional<TextEncoder::Prefix>> sot(encoders.size());
   for (const auto& [L, members] : by_length) {
     const std::int64_t per = std::max<std::int64_t>(1, options.max_batch_tokens / L);

@@ -312,6 +312,17 @@ TEST_CASE("weights hash: stable, sensitive to bytes and configuration", "[unit]"
   const auto h = TextEncoder::from_tensors(w, in)->weights_hash();
   CHECK(TextEncoder::from_tensors(w, in)->weights_hash() == h);
   CHECK(TextEncoder::from_tensors(w, in, {at::kDouble, "cpu"})->weights_hash() == h);
+  // Validation-only loading (no weights converted) hashes the same bytes and refuses to run.
+  TextEncoderOptions check_only;
+  check_only.weights = false;
+  auto checked = TextEncoder::from_tensors(w, in, check_only);
+  CHECK(checked->weights_hash() == h);
+  CHECK_THROWS_WITH(checked->forward(ids_tensor({{49, 5}})),
+                    Catch::Contains("loaded for validation only"));
+  auto bad = w;
+  bad.erase("encoder.layers.1.self_attn.k_proj.bias");
+  CHECK_THROWS_WITH(TextEncoder::from_tensors(bad, in, check_only),
+                    Catch::Contains("self_attn.k_proj.bias' is missing"));
   auto m = w;
   m["encoder.layers.1.mlp.fc2.bias"] = m["encoder.layers.1.mlp.fc2.bias"].clone();
   m["encoder.layers.1.mlp.fc2.bias"][5] = 0.125f;

@@ -154,10 +154,13 @@ TEST_CASE("embedding cache: miss, hit, corruption detected and recomputed", "[un
   at::Tensor a1 = cold.all_tokens(prompts);
   CHECK(entries(tmp.path).size() == 6);  // another mode, other entries
 
+  CHECK(cold.weights_loaded());
   Embedder warm(ck, kMerges, o);
   at::Tensor r2 = warm.last_subject_rows(prompts);
   CHECK(warm.cache_hits() == 3);
   CHECK(warm.cache_misses() == 0);
+  CHECK_FALSE(warm.weights_loaded());  // every row from the cache: no float32 copy of the weights
+  CHECK(warm.weights_hash() == cold.weights_hash());
   CHECK(at::equal(r1, r2));  // exact bytes from the cache
   CHECK(at::equal(a1, warm.all_tokens(prompts)));
 

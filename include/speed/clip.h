@@ -23,6 +23,10 @@ namespace speed {
 struct TextEncoderOptions {
   at::ScalarType dtype = at::kFloat;  // compute precision: kFloat or kDouble
   std::string device = "cpu";         // "cpu", "cuda", "cuda:N"
+  // false: validate and hash only. Every check of load() runs and weights_hash() is the same,
+  // but no tensor is converted or copied and forward() / encode_prefix() throw. For callers that
+  // may need no forward at all (every prompt in the embedding cache).
+  bool weights = true;
 };
 
 class TextEncoder {

@@ -58,6 +58,10 @@ class Embedder {
   at::Tensor last_subject_rows(const std::vector<TokenizedPrompt>& tokens);
   at::Tensor all_tokens(const std::vector<TokenizedPrompt>& tokens);
 
+  // Whether the encoder weights were converted for a forward pass (false while every prompt
+  // came from the cache).
+  bool weights_loaded() const;
+
   // Embedding-cache statistics of this embedder's calls.
   std::int64_t cache_hits() const;
   std::int64_t cache_misses() const;
