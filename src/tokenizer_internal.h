@@ -96,6 +96,7 @@ class PairTable {
 
 inline constexpr int kVocabSize = 49408;
 inline constexpr int kMergeCount = 48894;
+inline constexpr std::size_t kMaxFileBytes = 64u << 20;  // the real files are 1.3 MB (gz) / 1.1 MB (json)
 
 }  // namespace speed::tok
 
@@ -118,9 +119,15 @@ namespace speed::tok {
 // Symbol-level BPE, exposed so tests can check the two algorithms agree.
 void bpe_naive(const PairTable& merges, std::vector<std::int32_t>& symbols);
 void bpe_heap(const PairTable& merges, std::vector<std::int32_t>& symbols);
-// The tokenizer-file parsers (also the fuzz targets' entry points).
+// The tokenizer-file parsers (also the fuzz targets' entry points). merge_count is CLIP's 48,894
+// except in fuzz_tokenizer_file, which parses with a small vocabulary so that a mutated file can
+// be accepted (and vocab.json reached) within a few kB, and each input costs microseconds.
 std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, const std::string& label,
-                                                       bool diffusers);
+                                                       bool diffusers, int merge_count = kMergeCount);
+// gzip/zlib data -> bytes, refused once the output exceeds max_bytes.
+std::string gunzip(std::string_view data, const std::string& label, std::size_t max_bytes = kMaxFileBytes);
+// Checks a diffusers vocab.json against the vocabulary rebuilt from its merges.txt.
+void check_vocab_json(std::string_view vocab_json, const ClipTokenizer::Impl& impl, const std::string& label);
 }  // namespace speed::tok
 
 namespace speed::tok {

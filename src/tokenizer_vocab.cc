@@ -22,7 +22,6 @@ namespace tok {
 
 namespace {
 
-constexpr std::size_t kMaxFileBytes = 64u << 20;  // the real files are 1.3 MB (gz) / 1.1 MB (json)
 constexpr std::size_t kMaxLineBytes = 1024;       // the longest real merge line is 34 bytes
 
 std::string read_file_limited(const std::string& path, const char* what) {
@@ -41,33 +40,6 @@ std::string read_file_limited(const std::string& path, const char* what) {
   f.read(data.data(), size);
   SPEED_CHECK(f.gcount() == size, "cannot read {} '{}'", what, path);
   return data;
-}
-
-std::string gunzip(std::string_view data, const std::string& label) {
-  z_stream zs{};
-  SPEED_CHECK(inflateInit2(&zs, 15 + 32) == Z_OK, "cannot initialise zlib for '{}'", label);
-  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-  zs.avail_in = static_cast<uInt>(data.size());
-  std::string out;
-  char buf[1 << 16];
-  int rc = Z_OK;
-  while (rc != Z_STREAM_END) {
-    zs.next_out = reinterpret_cast<Bytef*>(buf);
-    zs.avail_out = sizeof(buf);
-    rc = inflate(&zs, Z_NO_FLUSH);
-    if (rc != Z_OK && rc != Z_STREAM_END) {
-      inflateEnd(&zs);
-      fail("tokenizer file '{}' is not valid gzip data (zlib: {})", label,
-           rc == Z_BUF_ERROR ? "truncated" : (zs.msg ? zs.msg : "error"));
-    }
-    out.append(buf, sizeof(buf) - zs.avail_out);
-    if (out.size() > kMaxFileBytes) {
-      inflateEnd(&zs);
-      fail("tokenizer file '{}' decompresses to more than {} bytes", label, kMaxFileBytes);
-    }
-  }
-  inflateEnd(&zs);
-  return out;
 }
 
 // bytes_to_unicode() order: printable bytes first, then the other 68 mapped to U+0100...
@@ -102,6 +74,33 @@ std::string printable(std::string_view s) {
 
 }  // namespace
 
+std::string gunzip(std::string_view data, const std::string& label, std::size_t max_bytes) {
+  z_stream zs{};
+  SPEED_CHECK(inflateInit2(&zs, 15 + 32) == Z_OK, "cannot initialise zlib for '{}'", label);
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  zs.avail_in = static_cast<uInt>(data.size());
+  std::string out;
+  char buf[1 << 16];
+  int rc = Z_OK;
+  while (rc != Z_STREAM_END) {
+    zs.next_out = reinterpret_cast<Bytef*>(buf);
+    zs.avail_out = sizeof(buf);
+    rc = inflate(&zs, Z_NO_FLUSH);
+    if (rc != Z_OK && rc != Z_STREAM_END) {
+      inflateEnd(&zs);
+      fail("tokenizer file '{}' is not valid gzip data (zlib: {})", label,
+           rc == Z_BUF_ERROR ? "truncated" : (zs.msg ? zs.msg : "error"));
+    }
+    out.append(buf, sizeof(buf) - zs.avail_out);
+    if (out.size() > max_bytes) {
+      inflateEnd(&zs);
+      fail("tokenizer file '{}' decompresses to more than {} bytes", label, max_bytes);
+    }
+  }
+  inflateEnd(&zs);
+  return out;
+}
+
 void PairTable::reserve(std::size_t n) {
   std::size_t cap = 16;
   int bits = 4;
@@ -124,16 +123,17 @@ bool PairTable::insert(std::int32_t left, std::int32_t right, std::int32_t merge
   }
 }
 
-// Rebuilds CLIP's vocabulary from merges text: the header line, then 48,894 "left right" lines
-// (later lines are ignored, as every CLIP implementation does).
+// Rebuilds CLIP's vocabulary from merges text: the header line, then merge_count (CLIP: 48,894)
+// "left right" lines (later lines are ignored, as every CLIP implementation does).
 std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, const std::string& label,
-                                                       bool diffusers) {
+                                                       bool diffusers, int merge_count) {
   SPEED_CHECK(text.size() <= kMaxFileBytes, "tokenizer file '{}' is {} bytes, expected at most {}",
               label, text.size(), kMaxFileBytes);
   auto impl = std::make_unique<ClipTokenizer::Impl>();
-  impl->tokens.reserve(kVocabSize);
+  const std::size_t vocab = 512 + static_cast<std::size_t>(merge_count) + 2;
+  impl->tokens.reserve(vocab);
   std::unordered_map<std::string, std::int32_t> ids;
-  ids.reserve(kVocabSize * 2);
+  ids.reserve(vocab * 2);
   for (const auto& [byte, cp] : byte_symbols()) {
     impl->byte_id[byte] = static_cast<std::int32_t>(impl->tokens.size());
     std::string s;
@@ -142,7 +142,7 @@ std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, co
   }
   for (int i = 0; i < 256; ++i) impl->tokens.push_back(impl->tokens[i] + "</w>");
   for (std::int32_t i = 0; i < 512; ++i) ids.emplace(impl->tokens[i], i);
-  impl->merges.reserve(kMergeCount);
+  impl->merges.reserve(static_cast<std::size_t>(merge_count));
 
   std::size_t pos = 0;
   std::size_t line_no = 0;  // 1-based number of the line being read
@@ -161,9 +161,9 @@ std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, co
     SPEED_CHECK(line.substr(0, 8) == "#version",
                 "merges file '{}' starts with '{}', expected a '#version' line", label, printable(line));
   }
-  for (int rank = 0; rank < kMergeCount; ++rank) {
+  for (int rank = 0; rank < merge_count; ++rank) {
     if (!next_line(line) || (pos > text.size() && line.empty())) {
-      fail("tokenizer file '{}' has {} merges, expected at least {}", label, rank, kMergeCount);
+      fail("tokenizer file '{}' has {} merges, expected at least {}", label, rank, merge_count);
     }
     if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
     SPEED_CHECK(line.size() <= kMaxLineBytes, "tokenizer file '{}' line {} is {} bytes, expected at most {}",
@@ -196,6 +196,36 @@ std::unique_ptr<ClipTokenizer::Impl> build_from_merges(std::string_view text, co
   return impl;
 }
 
+// vocab.json of a diffusers tokenizer/ folder must be exactly the vocabulary rebuilt from its
+// merges.txt (same tokens, same ids): a mismatch means the two files do not belong together.
+void check_vocab_json(std::string_view vocab_json, const ClipTokenizer::Impl& impl, const std::string& label) {
+  const std::string vlabel = label + "/vocab.json";
+  SPEED_CHECK(vocab_json.size() <= kMaxFileBytes, "'{}' is {} bytes, expected at most {}", vlabel,
+              vocab_json.size(), kMaxFileBytes);
+  nlohmann::json vocab = nlohmann::json::parse(vocab_json, nullptr, false);
+  SPEED_CHECK(!vocab.is_discarded(), "'{}' is not valid JSON", vlabel);
+  SPEED_CHECK(vocab.is_object(), "'{}' is not a JSON object of token -> id", vlabel);
+  SPEED_CHECK(vocab.size() == impl.tokens.size(), "'{}' has {} entries, expected {}", vlabel,
+              vocab.size(), impl.tokens.size());
+  std::unordered_map<std::string_view, std::int32_t> rebuilt;
+  rebuilt.reserve(impl.tokens.size() * 2);
+  for (std::size_t i = 0; i < impl.tokens.size(); ++i) {
+    rebuilt.emplace(impl.tokens[i], static_cast<std::int32_t>(i));
+  }
+  for (const auto& [token, value] : vocab.items()) {
+    SPEED_CHECK(value.is_number_integer(), "'{}' maps '{}' to a non-integer", vlabel, printable(token));
+    auto id = value.get<std::int64_t>();
+    SPEED_CHECK(id >= 0 && id < static_cast<std::int64_t>(impl.tokens.size()),
+                "'{}' maps '{}' to id {}, expected 0..{}", vlabel, printable(token), id,
+                impl.tokens.size() - 1);
+    auto it = rebuilt.find(token);
+    SPEED_CHECK(it != rebuilt.end(), "'{}' has token '{}', which merges.txt does not define", vlabel,
+                printable(token));
+    SPEED_CHECK(it->second == id, "'{}' maps '{}' to id {}, expected {} (rebuilt from merges.txt)",
+                vlabel, printable(token), id, it->second);
+  }
+}
+
 }  // namespace tok
 
 ClipTokenizer::ClipTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -223,31 +253,7 @@ ClipTokenizer ClipTokenizer::from_merges_file(const std::string& path) {
 ClipTokenizer ClipTokenizer::from_diffusers_text(std::string_view vocab_json, std::string_view merges_text,
                                                  const std::string& label) {
   auto impl = tok::build_from_merges(merges_text, label + "/merges.txt", true);
-  const std::string vlabel = label + "/vocab.json";
-  SPEED_CHECK(vocab_json.size() <= tok::kMaxFileBytes, "'{}' is {} bytes, expected at most {}", vlabel,
-              vocab_json.size(), tok::kMaxFileBytes);
-  nlohmann::json vocab = nlohmann::json::parse(vocab_json, nullptr, false);
-  SPEED_CHECK(!vocab.is_discarded(), "'{}' is not valid JSON", vlabel);
-  SPEED_CHECK(vocab.is_object(), "'{}' is not a JSON object of token -> id", vlabel);
-  SPEED_CHECK(vocab.size() == impl->tokens.size(), "'{}' has {} entries, expected {}", vlabel,
-              vocab.size(), impl->tokens.size());
-  std::unordered_map<std::string_view, std::int32_t> rebuilt;
-  rebuilt.reserve(impl->tokens.size() * 2);
-  for (std::size_t i = 0; i < impl->tokens.size(); ++i) {
-    rebuilt.emplace(impl->tokens[i], static_cast<std::int32_t>(i));
-  }
-  for (const auto& [token, value] : vocab.items()) {
-    SPEED_CHECK(value.is_number_integer(), "'{}' maps '{}' to a non-integer", vlabel, tok::printable(token));
-    auto id = value.get<std::int64_t>();
-    SPEED_CHECK(id >= 0 && id < static_cast<std::int64_t>(impl->tokens.size()),
-                "'{}' maps '{}' to id {}, expected 0..{}", vlabel, tok::printable(token), id,
-                impl->tokens.size() - 1);
-    auto it = rebuilt.find(token);
-    SPEED_CHECK(it != rebuilt.end(), "'{}' has token '{}', which merges.txt does not define", vlabel,
-                tok::printable(token));
-    SPEED_CHECK(it->second == id, "'{}' maps '{}' to id {}, expected {} (rebuilt from merges.txt)",
-                vlabel, tok::printable(token), id, it->second);
-  }
+  tok::check_vocab_json(vocab_json, *impl, label);
   return ClipTokenizer(std::move(impl));
 }
 
