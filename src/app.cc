@@ -216,22 +216,17 @@ RunResult run_erase(const EraseRequest& req) {
     if (!params_edit(eopt.params, l.is_key)) continue;
     const auto& st = ckpt.files.at(l.file).st;
     at::Tensor w = tensor_view(st, st->at(l.source));
-    // Named by its key in the file (what the user can look up), before any work on it.
+    // Checked here, in the stored dtype, to name the tensor as the file spells it (what the user
+    // can look up): a NaN or Inf in W would spread over the whole edited layer (SPEC §6: refuse,
+    // never write a damaged edit).
     if (!at::isfinite(w).all().item<bool>()) {
-      fail_hint("the checkpoint is damaged; re-download or re-convert it",
-                "tensor '{}' of '{}' (layer '{}') contains non-finite values", l.source,
-                ckpt.files.at(l.file).path, l.canonical);
+      const auto bad = at::isfinite(w).logical_not().sum().item<std::int64_t>();
+      fail_hint("the checkpoint is damaged: re-download or re-convert it",
+                "tensor '{}' of '{}' contains non-finite values ({} NaN or Inf of {}); it cannot be "
+                "edited",
+                l.source, ckpt.files.at(l.file).path, bad, w.numel());
     }
     inputs.push_back({l.canonical, w});
-    // Checked here to name the tensor as the file spells it: a NaN or Inf in W would spread over
-    // the whole edited layer (SPEC §6: refuse, never write a damaged edit).
-    const std::int64_t bad =
-        at::isfinite(inputs.back().weight.to(at::kDouble)).logical_not().sum().item<std::int64_t>();
-    if (bad > 0) {
-      fail_hint("the checkpoint is damaged: re-download or re-convert it",
-                "tensor '{}' of '{}' contains non-finite values ({} NaN or Inf of {}); it cannot be edited",
-                l.source, ckpt.files.at(l.file).path, bad, inputs.back().weight.numel());
-    }
     edited_layers.push_back(&l);
   }
   SPEED_CHECK(!inputs.empty(), "'{}' has no attn2 {} layers to edit", ckpt.path,
