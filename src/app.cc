@@ -16,7 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "app_internal.h"
-#include "safetensors_atomic.h"
+#include "speed/atomic_file.h"
 #include "speed/embed.h"
 #include "speed/error.h"
 #include "speed/log.h"
@@ -299,9 +299,10 @@ RunResult run_erase(const EraseRequest& req) {
   sw = Stopwatch();
   out.report_json = embedded_report(report);
   out.extra_metadata.emplace_back("speed_erase.version", kVersion);
-  std::error_code exists_ec;
-  const bool output_existed = fs::exists(fs::symlink_status(out.output, exists_ec));
-  res.output = export_edit(ckpt, weights, out);
+  // Staged: written and fsynced under temp names, renamed into place only as the run's last step
+  // (after the report), so that a failure anywhere leaves an existing output (--force) as it was.
+  StagedExport staged = stage_export(ckpt, weights, out);
+  res.output = staged.result();
   log().info("export: {} output '{}', {:.1f} MB ({:.2f} s)", format_name(out.format),
              res.output.path, static_cast<double>(res.output.bytes) / 1e6, stage_done("export", sw));
 
@@ -329,17 +330,21 @@ RunResult run_erase(const EraseRequest& req) {
   report["timings"] = timings;
   res.report = report;
   res.report_text = report.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+  std::unique_ptr<AtomicFile> report_file;
   if (req.report && *req.report != "-") {
-    try {
-      detail::write_text_atomic(*req.report, res.report_text);
-    } catch (...) {
-      // A failed run leaves no output (SPEC §6): take back what the export wrote. A folder this
-      // run created goes as a whole; in a folder that was there (--force) only our files go.
-      std::error_code ec;
-      if (!output_existed) fs::remove_all(res.output.path, ec);
-      for (const auto& w : res.output.written) fs::remove(w, ec);
-      throw;
-    }
+    report_file = std::make_unique<AtomicFile>(*req.report, /*overwrite=*/true);
+    report_file->write(res.report_text.data(), res.report_text.size());
+    report_file->finish();
+  }
+  // Every byte is on disk now; only renames remain. The report goes first and the output last:
+  // should the output's rename still fail, the report of a run without output is taken back.
+  if (report_file) report_file->publish();
+  try {
+    staged.commit();
+  } catch (...) {
+    std::error_code ec;
+    if (report_file) fs::remove(*req.report, ec);
+    throw;
   }
   return res;
 }

@@ -1,6 +1,7 @@
 // export: output paths, format dispatch and the `full` format (single file and diffusers folder).
 #include "speed/export.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -171,63 +172,27 @@ const KVLayer* find_layer(const Checkpoint& ckpt, const std::string& canonical) 
   return nullptr;
 }
 
-TempPath::TempPath(const fs::path& target, bool directory) {
-  fs::path dir = target.parent_path();
-  if (dir.empty()) dir = ".";
-  std::string tmpl = (dir / ("." + target.filename().string() + ".tmp-XXXXXX")).string();
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  if (directory) {
-    SPEED_CHECK(::mkdtemp(buf.data()) != nullptr, "cannot create a temporary folder next to '{}': {}",
-                target.string(), std::strerror(errno));
-  } else {
-    int fd = ::mkstemp(buf.data());
-    SPEED_CHECK(fd >= 0, "cannot create a temporary file next to '{}': {}", target.string(),
-                std::strerror(errno));
-    ::close(fd);
-  }
-  path_ = buf.data();
-  // mkstemp/mkdtemp create 0600/0700; an output should get the usual umask-based mode.
-  mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::chmod(path_.c_str(), (directory ? 0777 : 0666) & ~mask);
+AtomicFile& Staging::sidecar(const std::string& path, bool overwrite) {
+  sidecars.push_back(std::make_unique<AtomicFile>(path, overwrite));
+  return *sidecars.back();
 }
 
-TempPath::~TempPath() {
-  if (path_.empty()) return;
-  std::error_code ec;
-  fs::remove_all(path_, ec);
+AtomicFile& Staging::output(const std::string& path, bool overwrite, const std::string& avoid) {
+  outputs.push_back(std::make_unique<AtomicFile>(path, overwrite, avoid));
+  return *outputs.back();
 }
 
-void TempPath::commit(const fs::path& target, bool overwrite) {
-  std::error_code ec;
-  bool exists = fs::exists(fs::symlink_status(target, ec));
-  SPEED_CHECK(!exists || overwrite, "output '{}' already exists", target.string());
-  if (exists && fs::is_directory(target, ec)) {
-    // rename(2) cannot replace a non-empty folder: move the old one aside first.
-    TempPath old(target, true);
-    fs::remove(old.path_, ec);
-    fs::rename(target, old.path_, ec);
-    SPEED_CHECK(!ec, "cannot move '{}' aside: {}", target.string(), ec.message());
-    fs::rename(path_, target, ec);
-    if (ec) {
-      std::error_code ec2;
-      fs::rename(old.path_, target, ec2);
-      fail("cannot rename '{}' to '{}': {}", path_.string(), target.string(), ec.message());
-    }
-  } else {
-    fs::rename(path_, target, ec);
-    SPEED_CHECK(!ec, "cannot rename '{}' to '{}': {}", path_.string(), target.string(),
-                ec.message());
-  }
-  path_.clear();
+void Staging::publish() {
+  for (auto& f : sidecars) f->publish();
+  if (dir) dir->publish();
+  for (auto& f : outputs) f->publish();
 }
 
 }  // namespace detail
 
 namespace {
 
-using detail::TempPath;
+using detail::Staging;
 
 // Replacement bytes for one file of the checkpoint, with the tensors that keep them alive.
 struct FileEdit {
@@ -287,31 +252,55 @@ void log_ema(const ExportResult& r) {
   }
 }
 
-void export_full_file(const Checkpoint& ckpt, const EditedWeights& edited,
-                      const ExportOptions& options, const fs::path& out, ExportResult& result) {
+// Copies the regular file `from` into the staged `to` (inside the kernel where possible) and
+// fsyncs it.
+void copy_into(const fs::path& from, AtomicFile& to) {
+  int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    int err = errno;
+    fail("cannot open '{}' to copy it: {}", from.string(), std::strerror(err));
+  }
+  struct stat st {};
+  try {
+    SPEED_CHECK(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "cannot copy '{}': not a regular file",
+                from.string());
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    to.copy_from(fd, 0, static_cast<std::uint64_t>(st.st_size));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+  to.finish();
+}
+
+void export_full_file(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options,
+                      const fs::path& out, ExportResult& result, Staging& staging) {
   SPEED_CHECK(ckpt.files.size() == 1, "a '{}' checkpoint has {} files, expected 1",
               layout_name(ckpt.layout), ckpt.files.size());
   auto plan = plan_full(ckpt, edited, options, result);
   FileEdit& fe = plan[0];
   if (fe.options.set_metadata.empty()) fe.options.set_metadata = detail::output_metadata(options);
   fe.options.overwrite = options.force;
-  rewrite_safetensors(ckpt.file(0), out.string(), fe.options);
-  result.written.push_back(out.string());
-  result.bytes += fs::file_size(out);
   // A1111 picks the model config from a same-named .yaml next to the file (formats.md §7.5).
   fs::path yaml = fs::path(ckpt.path).replace_extension(".yaml");
   std::error_code ec;
   if (fs::is_regular_file(yaml, ec)) {
     fs::path out_yaml = fs::path(out).replace_extension(".yaml");
     if (!fs::exists(out_yaml, ec) || options.force) {
-      fs::copy_file(yaml, out_yaml, fs::copy_options::overwrite_existing, ec);
-      if (!ec) result.copied.push_back(out_yaml.string());
+      copy_into(yaml, staging.sidecar(out_yaml.string(), /*overwrite=*/true));
+      result.copied.push_back(out_yaml.string());
     }
   }
+  AtomicFile& file = staging.output(out.string(), options.force, ckpt.file(0).path());
+  rewrite_safetensors(ckpt.file(0), file, fe.options);
+  file.finish();
+  result.written.push_back(out.string());
+  result.bytes += file.size();
 }
 
-void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited,
-                        const ExportOptions& options, const fs::path& out, ExportResult& result) {
+void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options,
+                        const fs::path& out, ExportResult& result, Staging& staging) {
   auto plan = plan_full(ckpt, edited, options, result);
   fs::path root = fs::path(ckpt.path).lexically_normal();
   if (!root.has_filename()) root = root.parent_path();
@@ -334,14 +323,16 @@ void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited,
     std::string name = rel.filename().string();
     return name.rfind("diffusion_pytorch_model", 0) == 0 && unet_used.count(rel) == 0;
   };
-  TempPath tmp(out, true);
+  staging.dir = std::make_unique<AtomicDir>(out.string(), options.force);
+  const fs::path tmp = staging.dir->temp_path();
   // Copies, not hard links: a hard-linked output would change whenever anything rewrote the
-  // input's files in place (and the reverse), defeating "the input is never touched".
+  // input's files in place (and the reverse), defeating "the input is never touched". Each file
+  // is fsynced inside the hidden folder before the folder takes the output's name.
   std::error_code ec;
   for (auto it = fs::recursive_directory_iterator(root, fs::directory_options::follow_directory_symlink);
        it != fs::recursive_directory_iterator(); ++it) {
     fs::path rel = it->path().lexically_relative(root);
-    fs::path dst = tmp.path() / rel;
+    fs::path dst = tmp / rel;
     if (it->is_directory()) {
       fs::create_directories(dst, ec);
       SPEED_CHECK(!ec, "cannot create folder '{}': {}", dst.string(), ec.message());
@@ -353,50 +344,69 @@ void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited,
       result.skipped.push_back(rel.string());
       continue;
     }
+    AtomicFile file(dst.string(), /*overwrite=*/false);
     auto rw = rewrite.find(rel);
     if (rw != rewrite.end()) {
       FileEdit& fe = plan[rw->second];
-      rewrite_safetensors(ckpt.file(rw->second), dst.string(), fe.options);
+      rewrite_safetensors(ckpt.file(rw->second), file, fe.options);
+      file.finish();
       result.written.push_back((out / rel).string());
     } else {
-      fs::copy_file(it->path(), dst, ec);
-      SPEED_CHECK(!ec, "cannot copy '{}' to '{}': {}", it->path().string(), dst.string(),
-                  ec.message());
+      copy_into(it->path(), file);
       result.copied.push_back((out / rel).string());
     }
-    result.bytes += fs::file_size(dst);
+    result.bytes += file.size();
+    file.publish();  // inside the hidden folder: no output changes yet
   }
   SPEED_CHECK(result.written.size() == rewrite.size(), "not every edited file of '{}' was written",
               ckpt.path);
-  tmp.commit(out, options.force);
 }
 
 }  // namespace
 
-ExportResult export_edit(const Checkpoint& ckpt, const EditedWeights& edited,
-                         const ExportOptions& options) {
+StagedExport::StagedExport() : staging_(std::make_unique<Staging>()) {}
+StagedExport::StagedExport(StagedExport&&) noexcept = default;
+StagedExport& StagedExport::operator=(StagedExport&&) noexcept = default;
+StagedExport::~StagedExport() = default;
+
+void StagedExport::commit() {
+  SPEED_CHECK(staging_ != nullptr, "output '{}' committed twice", result_.path);
+  staging_->publish();
+  staging_.reset();
+}
+
+StagedExport stage_export(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options) {
   detail::check_edits(ckpt, edited);
   std::string out = prepare_output(ckpt, options);
-  ExportResult result;
+  StagedExport staged;
+  ExportResult& result = staged.result_;
+  Staging& staging = *staged.staging_;
   result.path = out;
   switch (options.format) {
     case OutputFormat::Full:
       if (ckpt.layout == Layout::Diffusers) {
-        export_full_folder(ckpt, edited, options, out, result);
+        export_full_folder(ckpt, edited, options, out, result, staging);
       } else {
-        export_full_file(ckpt, edited, options, out, result);
+        export_full_file(ckpt, edited, options, out, result, staging);
       }
       log_ema(result);
       break;
     case OutputFormat::Edited:
     case OutputFormat::Pt:
-      detail::export_dict(ckpt, edited, options, out, result);
+      detail::export_dict(ckpt, edited, options, out, result, staging);
       break;
     case OutputFormat::Lora:
-      detail::export_lora(ckpt, edited, options, out, result);
+      detail::export_lora(ckpt, edited, options, out, result, staging);
       break;
   }
-  return result;
+  return staged;
+}
+
+ExportResult export_edit(const Checkpoint& ckpt, const EditedWeights& edited,
+                         const ExportOptions& options) {
+  StagedExport staged = stage_export(ckpt, edited, options);
+  staged.commit();
+  return staged.result();
 }
 
 }  // namespace speed

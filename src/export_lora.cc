@@ -15,7 +15,6 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include "export_internal.h"
-#include "safetensors_atomic.h"
 #include "speed/error.h"
 #include "speed/log.h"
 #include "speed/tensor.h"
@@ -67,7 +66,7 @@ std::string architecture(const Checkpoint& ckpt) {
 }  // namespace
 
 void export_dict(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options,
-                 const fs::path& out, ExportResult& result) {
+                 const fs::path& out, ExportResult& result, Staging& staging) {
   std::vector<at::Tensor> keep;
   std::vector<TensorData> tensors;
   c10::Dict<std::string, at::Tensor> dict;
@@ -83,43 +82,35 @@ void export_dict(const Checkpoint& ckpt, const EditedWeights& edited, const Expo
   }
   if (options.format == OutputFormat::Edited) {
     sort_tensors(tensors);
-    write_safetensors(out.string(), tensors, output_metadata(options), options.force);
+    AtomicFile& f = staging.output(out.string(), options.force);
+    write_safetensors(f, tensors, output_metadata(options));
+    f.finish();
     result.written.push_back(out.string());
-    result.bytes += fs::file_size(out);
+    result.bytes += f.size();
     return;
   }
   // A .pt has no metadata map, and a non-tensor entry would break load_state_dict: the report
-  // goes to a sidecar file.
+  // goes to a sidecar file. Both are staged and renamed together at the end of the run (the
+  // sidecar first), so a failed run (e.g. disk full) leaves neither file behind.
   std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
-  // Both files are written to temp files before either is renamed, and a failure after the
-  // first rename removes it: a failed run (e.g. disk full) leaves neither file behind.
-  AtomicFile pt(out.string(), options.force);
+  AtomicFile& pt = staging.output(out.string(), options.force);
   pt.write(bytes.data(), bytes.size());
-  std::unique_ptr<AtomicFile> side;
-  fs::path sidecar = out.string() + ".report.json";
-  if (!options.report_json.empty()) {
-    side = std::make_unique<AtomicFile>(sidecar.string(), options.force);
-    side->write(options.report_json.data(), options.report_json.size());
-    side->write("\n", 1);
-  }
-  pt.commit();
+  pt.finish();
   result.written.push_back(out.string());
-  result.bytes += bytes.size();
-  if (side) {
-    try {
-      side->commit();
-    } catch (...) {
-      std::error_code ec;
-      fs::remove(out, ec);
-      throw;
-    }
+  result.bytes += pt.size();
+  if (!options.report_json.empty()) {
+    fs::path sidecar = out.string() + ".report.json";
+    AtomicFile& side = staging.sidecar(sidecar.string(), options.force);
+    side.write(options.report_json.data(), options.report_json.size());
+    side.write("\n", 1);
+    side.finish();
     result.written.push_back(sidecar.string());
-    result.bytes += options.report_json.size() + 1;
+    result.bytes += side.size();
   }
 }
 
 void export_lora(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options,
-                 const fs::path& out, ExportResult& result) {
+                 const fs::path& out, ExportResult& result, Staging& staging) {
   std::vector<at::Tensor> keep;
   std::vector<TensorData> tensors;
   std::int64_t max_rank = 0;
@@ -175,9 +166,11 @@ void export_lora(const Checkpoint& ckpt, const EditedWeights& edited, const Expo
   for (const auto& kv : output_metadata(options)) {
     if (kv.first != "format") md.push_back(kv);
   }
-  write_safetensors(out.string(), tensors, md, options.force);
+  AtomicFile& f = staging.output(out.string(), options.force);
+  write_safetensors(f, tensors, md);
+  f.finish();
   result.written.push_back(out.string());
-  result.bytes += fs::file_size(out);
+  result.bytes += f.size();
 }
 
 }  // namespace detail

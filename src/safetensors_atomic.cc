@@ -1,10 +1,13 @@
-// Atomic output files: temp in the target directory, fsync, rename; signal-time cleanup.
-#include "safetensors_atomic.h"
+// Atomic outputs: temp file or folder beside the target, fsync, rename; signal-time cleanup.
+#include "speed/atomic_file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -12,28 +15,29 @@
 #include <cstring>
 
 #include "speed/error.h"
-#include "speed/safetensors.h"
 
 namespace speed {
 namespace {
 
 // Fixed storage so the signal handler touches no heap and takes no lock: a slot is claimed with
-// a compare-exchange (0 -> 2), filled, then published (1). The handler only unlinks state-1 slots.
+// a compare-exchange (kFree -> kClaimed), filled, then published as a file or a folder. The
+// handler only removes published slots.
+constexpr int kFree = 0, kFile = 1, kClaimed = 2, kDir = 3;
 constexpr int kSlots = 64;
 constexpr std::size_t kPathMax = 4096;
 struct Slot {
-  std::atomic<int> state{0};
+  std::atomic<int> state{kFree};
   char path[kPathMax];
 };
 Slot g_slots[kSlots];
 
-int register_temp(const std::string& path) {
+int register_temp(const std::string& path, int kind) {
   if (path.size() >= kPathMax) return -1;
   for (int i = 0; i < kSlots; ++i) {
-    int expected = 0;
-    if (g_slots[i].state.compare_exchange_strong(expected, 2)) {
+    int expected = kFree;
+    if (g_slots[i].state.compare_exchange_strong(expected, kClaimed)) {
       std::memcpy(g_slots[i].path, path.c_str(), path.size() + 1);
-      g_slots[i].state.store(1);
+      g_slots[i].state.store(kind);
       return i;
     }
   }
@@ -41,13 +45,53 @@ int register_temp(const std::string& path) {
 }
 
 void unregister_temp(int slot) {
-  if (slot >= 0) g_slots[slot].state.store(0);
+  if (slot >= 0) g_slots[slot].state.store(kFree);
 }
 
-extern "C" void cleanup_handler(int sig) {
-  for (auto& s : g_slots) {
-    if (s.state.load() == 1) ::unlink(s.path);
+// Removes `name` (relative to the folder `parent`) and, for a folder, everything below it, with
+// system calls only (openat, getdents64, unlinkat, close): no allocation and no lock, so that the
+// signal handler can use it too. Symbolic links are removed, never followed. Another thread may
+// still be creating files in the folder while a signal handler runs: entries are re-read until a
+// pass finds none (bounded), so a file created meanwhile does not keep the folder alive.
+void remove_tree_at(int parent, const char* name, int depth) {
+  if (::unlinkat(parent, name, 0) == 0 || errno == ENOENT) return;
+  constexpr int kMaxDepth = 24;  // diffusers folders are 3 deep; the bound keeps the stack small
+  if (depth < kMaxDepth) {
+    int fd = ::openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0) {
+      alignas(8) char buf[2048];
+      for (int pass = 0; pass < 8; ++pass) {
+        bool seen = false;
+        ::lseek(fd, 0, SEEK_SET);
+        for (;;) {
+          long n = ::syscall(SYS_getdents64, fd, buf, sizeof buf);
+          if (n <= 0) break;
+          for (long off = 0; off < n;) {
+            const auto* d = reinterpret_cast<const struct dirent64*>(buf + off);
+            off += d->d_reclen;
+            if (std::strcmp(d->d_name, ".") == 0 || std::strcmp(d->d_name, "..") == 0) continue;
+            seen = true;
+            remove_tree_at(fd, d->d_name, depth + 1);
+          }
+        }
+        if (!seen) break;
+      }
+      ::close(fd);
+    }
   }
+  ::unlinkat(parent, name, AT_REMOVEDIR);
+}
+
+void remove_tree(const char* path) { remove_tree_at(AT_FDCWD, path, 0); }
+
+extern "C" void cleanup_handler(int sig) {
+  const int saved = errno;
+  for (auto& s : g_slots) {
+    const int state = s.state.load();
+    if (state == kFile) ::unlink(s.path);
+    if (state == kDir) remove_tree(s.path);
+  }
+  errno = saved;
   std::signal(sig, SIG_DFL);
   std::raise(sig);
 }
@@ -64,11 +108,39 @@ std::string base_of(const std::string& path) {
   return pos == std::string::npos ? path : path.substr(pos + 1);
 }
 
+std::string strip_slashes(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path;
+}
+
 mode_t current_umask() {
   mode_t m = ::umask(022);
   ::umask(m);
   return m;
 }
+
+// `<dir>/.<name>.tmp-XXXXXX` for mkostemp/mkdtemp.
+std::vector<char> temp_template(const std::string& path) {
+  const std::string base = base_of(path);
+  std::string tmpl = path.substr(0, path.size() - base.size()) + "." + base + ".tmp-XXXXXX";
+  std::vector<char> name(tmpl.begin(), tmpl.end());
+  name.push_back('\0');
+  return name;
+}
+
+// The rename is durable only once the directory entry is on disk.
+void fsync_dir(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+// Write-out is started every kWritebackChunk bytes (see start_writeback()).
+constexpr std::uint64_t kWritebackChunk = std::uint64_t{32} << 20;
+// copy_file_range and the read + write fallback move at most this much per call.
+constexpr std::size_t kCopyChunk = std::size_t{64} << 20;
 
 }  // namespace
 
@@ -82,11 +154,14 @@ void install_cleanup_signal_handlers() {
 
 std::size_t pending_temp_files() {
   std::size_t n = 0;
-  for (auto& s : g_slots) n += s.state.load() == 1 ? 1 : 0;
+  for (auto& s : g_slots) {
+    const int state = s.state.load();
+    n += state == kFile || state == kDir ? 1 : 0;
+  }
   return n;
 }
 
-namespace detail {
+// ---- AtomicFile ----
 
 AtomicFile::AtomicFile(const std::string& path, bool overwrite, const std::string& avoid)
     : path_(path), overwrite_(overwrite) {
@@ -104,17 +179,14 @@ AtomicFile::AtomicFile(const std::string& path, bool overwrite, const std::strin
     SPEED_CHECK(S_ISREG(out.st_mode), "output '{}' exists and is not a regular file", path);
     if (!overwrite) fail_hint("pass --force to overwrite it", "output '{}' already exists", path);
   }
-  const std::string dir = dir_of(path);
-  std::string tmpl = path.substr(0, path.size() - base.size()) + "." + base + ".tmp-XXXXXX";
-  std::vector<char> name(tmpl.begin(), tmpl.end());
-  name.push_back('\0');
+  std::vector<char> name = temp_template(path);
   fd_ = ::mkostemp(name.data(), O_CLOEXEC);
   if (fd_ < 0) {
     int err = errno;
-    fail("cannot create a temporary file in '{}' for '{}': {}", dir, path, std::strerror(err));
+    fail("cannot create a temporary file in '{}' for '{}': {}", dir_of(path), path, std::strerror(err));
   }
   temp_.assign(name.data());
-  slot_ = register_temp(temp_);
+  slot_ = register_temp(temp_, kFile);
   ::fchmod(fd_, 0666 & ~current_umask());  // mkstemp's 0600 would surprise users of the output
   buf_.resize(std::size_t{4} << 20);
 }
@@ -132,17 +204,41 @@ void AtomicFile::abort() noexcept {
   done_ = true;
 }
 
+void AtomicFile::fail_write(int err) const {
+  fail("cannot write '{}' (temporary '{}'): {}", path_, temp_, std::strerror(err));
+}
+
+// Starts writing each full stretch of kWritebackChunk bytes to disk as soon as it is written,
+// and waits for the stretch before it. Left to itself the kernel starts write-out only past
+// dirty_background_ratio (2.3 GB on a 23 GB machine): a 2 GB output then sat in the page cache
+// until the final fsync wrote all of it, after the copy instead of during it. This way the copy
+// and the disk write overlap, dirty memory stays at two stretches, and fsync finds only the tail.
+// Errors are left to fsync, which reports them.
+void AtomicFile::start_writeback() {
+  if (written_ - writeback_ < kWritebackChunk) return;
+  const std::uint64_t begin = writeback_;
+  ::sync_file_range(fd_, static_cast<off64_t>(begin), static_cast<off64_t>(written_ - begin),
+                    SYNC_FILE_RANGE_WRITE);
+  if (begin >= kWritebackChunk) {
+    // The previous stretch: [begin - its length, begin) was started one call ago.
+    ::sync_file_range(fd_, 0, static_cast<off64_t>(begin),
+                      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+  }
+  writeback_ = written_;
+}
+
 void AtomicFile::write_raw(const std::uint8_t* p, std::size_t n) {
   while (n > 0) {
-    std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    std::size_t chunk = std::min(n, kCopyChunk);
     ssize_t w = ::write(fd_, p, chunk);
     if (w < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
-      fail("cannot write '{}' (temporary '{}'): {}", path_, temp_, std::strerror(err));
+      fail_write(errno);
     }
     p += w;
     n -= static_cast<std::size_t>(w);
+    written_ += static_cast<std::uint64_t>(w);
+    start_writeback();
   }
 }
 
@@ -155,7 +251,7 @@ void AtomicFile::flush() {
 }
 
 void AtomicFile::write(const void* data, std::size_t n) {
-  SPEED_CHECK(!done_, "write to '{}' after it was finished", path_);
+  SPEED_CHECK(!done_ && !finished_, "write to '{}' after it was finished", path_);
   const auto* p = static_cast<const std::uint8_t*>(data);
   if (n >= buf_.size()) {
     flush();
@@ -167,8 +263,53 @@ void AtomicFile::write(const void* data, std::size_t n) {
   used_ += n;
 }
 
-void AtomicFile::commit() {
+void AtomicFile::copy_from(int fd, std::uint64_t offset, std::uint64_t n) {
+  SPEED_CHECK(!done_ && !finished_, "write to '{}' after it was finished", path_);
+  flush();
+  // In the kernel: no page faults on a mapping, no copy through user space (and on filesystems
+  // that share extents, no copy at all). The output offset is the file position (NULL), so that
+  // later write()s continue behind it.
+  while (n > 0 && kernel_copy_ok_) {
+    loff_t in = static_cast<loff_t>(offset);
+    ssize_t got = ::copy_file_range(fd, &in, fd_, nullptr, std::min<std::uint64_t>(n, kCopyChunk), 0);
+    if (got < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      // Not possible between these two files (another filesystem, a filesystem or kernel without
+      // it): the same bytes by read + write below.
+      if (err == EXDEV || err == EINVAL || err == ENOSYS || err == EOPNOTSUPP || err == ENOTSUP) {
+        kernel_copy_ok_ = false;
+        break;
+      }
+      fail_write(err);
+    }
+    SPEED_CHECK(got > 0, "cannot copy into '{}': the source ends before byte {} ({} more expected)",
+                path_, offset, n);
+    ++kernel_copies_;
+    offset += static_cast<std::uint64_t>(got);
+    n -= static_cast<std::uint64_t>(got);
+    written_ += static_cast<std::uint64_t>(got);
+    start_writeback();
+  }
+  while (n > 0) {
+    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(n, buf_.size()));
+    ssize_t got = ::pread(fd, buf_.data(), want, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      fail("cannot read the source of '{}' at byte {}: {}", path_, offset, std::strerror(err));
+    }
+    SPEED_CHECK(got > 0, "cannot copy into '{}': the source ends before byte {} ({} more expected)",
+                path_, offset, n);
+    write_raw(buf_.data(), static_cast<std::size_t>(got));
+    offset += static_cast<std::uint64_t>(got);
+    n -= static_cast<std::uint64_t>(got);
+  }
+}
+
+void AtomicFile::finish() {
   SPEED_CHECK(!done_, "'{}' committed twice", path_);
+  if (finished_) return;
   flush();
   if (::fsync(fd_) != 0) {
     int err = errno;
@@ -180,6 +321,12 @@ void AtomicFile::commit() {
     int err = errno;
     fail("cannot close '{}': {}", temp_, std::strerror(err));
   }
+  finished_ = true;
+  std::vector<std::uint8_t>().swap(buf_);  // a staged output waits for its rename: free 4 MiB
+}
+
+void AtomicFile::publish() {
+  finish();
   int rc = -1;
 #ifdef RENAME_NOREPLACE
   if (!overwrite_) {
@@ -198,13 +345,110 @@ void AtomicFile::commit() {
   unregister_temp(slot_);
   slot_ = -1;
   done_ = true;
-  // The rename is durable only once the directory entry is on disk.
-  int dfd = ::open(dir_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  fsync_dir(dir_of(path_));
 }
 
-}  // namespace detail
+// ---- AtomicDir ----
+
+AtomicDir::AtomicDir(const std::string& path, bool overwrite)
+    : path_(strip_slashes(path)), overwrite_(overwrite) {
+  std::string base = base_of(path_);
+  SPEED_CHECK(!path_.empty() && !base.empty() && base != "." && base != "..",
+              "output path '{}' does not name a folder", path);
+  struct stat out {};
+  if (::lstat(path_.c_str(), &out) == 0) {
+    SPEED_CHECK(S_ISDIR(out.st_mode), "output '{}' exists and is not a folder", path_);
+    if (!overwrite) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
+  }
+  std::vector<char> name = temp_template(path_);
+  if (::mkdtemp(name.data()) == nullptr) {
+    int err = errno;
+    fail("cannot create a temporary folder in '{}' for '{}': {}", dir_of(path_), path_, std::strerror(err));
+  }
+  temp_.assign(name.data());
+  slot_ = register_temp(temp_, kDir);
+  ::chmod(temp_.c_str(), 0777 & ~current_umask());  // mkdtemp's 0700, as for files
+}
+
+AtomicDir::~AtomicDir() {
+  if (slot_ < 0 && temp_.empty()) return;
+  if (!temp_.empty()) remove_tree(temp_.c_str());
+  unregister_temp(slot_);
+}
+
+void AtomicDir::publish() {
+  SPEED_CHECK(!temp_.empty(), "'{}' published twice", path_);
+  fsync_dir(temp_);  // the entries of the folders inside (files fsync their own folder)
+  struct stat out {};
+  const bool exists = ::lstat(path_.c_str(), &out) == 0;
+  if (exists) {
+    SPEED_CHECK(S_ISDIR(out.st_mode), "output '{}' exists and is not a folder", path_);
+    if (!overwrite_) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
+  }
+  int rc = -1;
+#ifdef RENAME_EXCHANGE
+  if (exists) {
+    // One step: the new folder takes the name, the old one takes the temp name (still
+    // registered, so a signal during its removal below removes the rest of it).
+    rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_EXCHANGE);
+    if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
+      int err = errno;
+      fail("cannot swap '{}' in for '{}': {}", temp_, path_, std::strerror(err));
+    }
+    if (rc == 0) {
+      fsync_dir(dir_of(path_));
+      remove_tree(temp_.c_str());
+      unregister_temp(slot_);
+      slot_ = -1;
+      temp_.clear();
+      return;
+    }
+  }
+#endif
+  if (exists) {
+    // No RENAME_EXCHANGE on this filesystem: rename(2) cannot replace a non-empty folder, so the
+    // old one moves aside first; for the moment between the two renames the name is missing.
+    std::vector<char> name = temp_template(path_);
+    SPEED_CHECK(::mkdtemp(name.data()) != nullptr, "cannot create a temporary folder for '{}': {}", path_,
+                std::strerror(errno));
+    std::string old(name.data());
+    const int old_slot = register_temp(old, kDir);
+    if (::rename(path_.c_str(), old.c_str()) != 0) {
+      int err = errno;
+      ::rmdir(old.c_str());
+      unregister_temp(old_slot);
+      fail("cannot move '{}' aside: {}", path_, std::strerror(err));
+    }
+    if (::rename(temp_.c_str(), path_.c_str()) != 0) {
+      int err = errno;
+      ::rename(old.c_str(), path_.c_str());
+      unregister_temp(old_slot);
+      fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
+    }
+    unregister_temp(slot_);
+    slot_ = -1;
+    temp_.clear();
+    fsync_dir(dir_of(path_));
+    remove_tree(old.c_str());
+    unregister_temp(old_slot);
+    return;
+  }
+#ifdef RENAME_NOREPLACE
+  rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE);
+  if (rc != 0 && errno == EEXIST) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
+  if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
+    int err = errno;
+    fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
+  }
+#endif
+  if (rc != 0 && ::rename(temp_.c_str(), path_.c_str()) != 0) {
+    int err = errno;
+    fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
+  }
+  unregister_temp(slot_);
+  slot_ = -1;
+  temp_.clear();
+  fsync_dir(dir_of(path_));
+}
+
 }  // namespace speed

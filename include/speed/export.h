@@ -10,11 +10,13 @@
 //   lora    kohya LoRA of the exact ΔW (float64 SVD, numerical rank, alpha = rank, no clamping).
 // Every output carries the run's report JSON in __metadata__["speed_erase.report"] and
 // "format": "pt". Every file is written to a temporary sibling and renamed: a failed export
-// leaves nothing behind and never touches the input.
+// leaves nothing behind, never touches the input, and leaves an existing output (--force) as it
+// was until the rename.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -80,7 +82,32 @@ std::string default_output_path(const Checkpoint& ckpt, OutputFormat format);
 // Returns the path to use. Throws speed::Error / UsageError with a hint.
 std::string prepare_output(const Checkpoint& ckpt, const ExportOptions& options);
 
-// Writes the output. `edited` must name layers of ckpt.kv with their shapes.
+namespace detail {
+struct Staging;
+}
+
+// An output written in full but not yet in place: every file (or the diffusers folder) is on
+// disk under a temp name beside its target. commit() renames them into place (sidecars first,
+// the output itself last) and is meant as the last step of a run, after the report is written;
+// destroyed uncommitted, it removes them, and any previous output stays byte-identical.
+class StagedExport {
+ public:
+  StagedExport(StagedExport&&) noexcept;
+  StagedExport& operator=(StagedExport&&) noexcept;
+  ~StagedExport();
+  const ExportResult& result() const { return result_; }
+  void commit();
+
+ private:
+  friend StagedExport stage_export(const Checkpoint&, const EditedWeights&, const ExportOptions&);
+  StagedExport();
+  ExportResult result_;
+  std::unique_ptr<detail::Staging> staging_;
+};
+
+// Writes the output, staged. `edited` must name layers of ckpt.kv with their shapes.
+StagedExport stage_export(const Checkpoint& ckpt, const EditedWeights& edited, const ExportOptions& options);
+// stage_export(...) committed at once.
 ExportResult export_edit(const Checkpoint& ckpt, const EditedWeights& edited,
                          const ExportOptions& options);
 

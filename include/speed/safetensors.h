@@ -4,7 +4,8 @@
 // length limits, JSON shape, string-only __metadata__, known dtypes, offsets contiguous from 0 and
 // ending at EOF, span = numel x itemsize, no overflow, no duplicate names. Writer rules follow
 // §1.4: compact header beginning with {" and padded with spaces to a multiple of 8, temp file in
-// the target directory + fsync + rename; a failed or interrupted write leaves no output.
+// the target directory + fsync + rename (speed/atomic_file.h); a failed or interrupted write
+// leaves no output.
 #pragma once
 
 #include <cstddef>
@@ -16,6 +17,8 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "speed/atomic_file.h"  // AtomicFile; install_cleanup_signal_handlers()
 
 namespace speed {
 
@@ -146,11 +149,10 @@ void rewrite_safetensors(const SafeTensors& source, const std::string& path,
 // Serialises the header JSON for `tensors` (offsets assigned in order) and metadata, padded.
 std::string make_header(const std::vector<TensorData>& tensors, const Metadata& metadata);
 
-// Temp files of writes in progress are registered so that SIGINT/SIGTERM/SIGHUP can unlink them
-// (async-signal-safe) before the process dies with the signal's default action. The CLI calls
-// this once at start-up; the library never installs handlers by itself.
-void install_cleanup_signal_handlers();
-// Number of temp files currently registered (tests).
-std::size_t pending_temp_files();
+// The same two writes into a staged AtomicFile (speed/atomic_file.h), left unpublished: the
+// caller publishes it once every output of the run is written. rewrite_safetensors checks the
+// file against the source only through AtomicFile's `avoid` (pass source.path()).
+void write_safetensors(AtomicFile& file, const std::vector<TensorData>& tensors, const Metadata& metadata);
+void rewrite_safetensors(const SafeTensors& source, AtomicFile& file, const RewriteOptions& options);
 
 }  // namespace speed
