@@ -66,8 +66,9 @@ void check_report_path(const std::string& path, const std::vector<std::string>& 
 at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bool all_tokens,
                       const std::string& stage, const ProgressFn& progress, std::int64_t& done,
                       std::int64_t total) {
-  // Chunks only for progress: rows do not depend on what they are batched with.
-  constexpr std::size_t kChunk = 256;
+  // Chunks only for progress (rows do not depend on what they are batched with); large, since
+  // every call runs its own passes over the encoder weights.
+  constexpr std::size_t kChunk = 4096;
   std::vector<at::Tensor> parts;
   for (std::size_t i = 0; i < prompts.size(); i += kChunk) {
     std::vector<std::string> chunk(prompts.begin() + static_cast<std::ptrdiff_t>(i),
@@ -192,14 +193,28 @@ RunResult run_erase(const EraseRequest& req) {
   const bool all = req.edit.all_tokens;
   std::int64_t done = 0;
   std::int64_t units = static_cast<std::int64_t>(2 * set.targets.size() + set.retain.size() + 1);
-  sets.targets = detail::embed_rows(emb, set.targets, all, "encode", req.progress, done, units);
-  sets.anchors = detail::embed_rows(emb, set.anchors, all, "encode", req.progress, done, units);
+  const auto n_targets = static_cast<std::int64_t>(set.targets.size());
   if (all) {
-    sets.targets = sets.targets.narrow(1, 1, kContext - 1);
-    sets.anchors = sets.anchors.narrow(1, 1, kContext - 1);
-  }
-  if (set.has_retain_source) {
-    sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
+    sets.targets = detail::embed_rows(emb, set.targets, true, "encode", req.progress, done, units)
+                       .narrow(1, 1, kContext - 1);
+    sets.anchors = detail::embed_rows(emb, set.anchors, true, "encode", req.progress, done, units)
+                       .narrow(1, 1, kContext - 1);
+    if (set.has_retain_source) {
+      sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
+    }
+  } else {
+    // Targets, anchors and retain texts in one call: one set of length groups, so one pass over
+    // the encoder weights per length instead of one per list and length.
+    std::vector<std::string> rows = set.targets;
+    rows.insert(rows.end(), set.anchors.begin(), set.anchors.end());
+    if (set.has_retain_source) rows.insert(rows.end(), set.retain.begin(), set.retain.end());
+    const at::Tensor all_rows =
+        detail::embed_rows(emb, rows, false, "encode", req.progress, done, units);
+    sets.targets = all_rows.narrow(0, 0, n_targets);
+    sets.anchors = all_rows.narrow(0, n_targets, n_targets);
+    if (set.has_retain_source) {
+      sets.retain = all_rows.narrow(0, 2 * n_targets, all_rows.size(0) - 2 * n_targets);
+    }
   }
   sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
   std::int64_t hits = emb.cache_hits(), misses = emb.cache_misses();
