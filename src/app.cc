@@ -87,6 +87,8 @@ at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bo
 
 using detail::Stopwatch;
 
+constexpr std::uint32_t kDpaDirection = 1;  // Embedder::get_vector kind
+
 std::string resolve_device(const std::string& device) {
   if (device == "cpu") return "cpu";
   if (device == "cuda") {
@@ -234,7 +236,7 @@ RunResult run_erase(const EraseRequest& req) {
     // Checked here, in the stored dtype, to name the tensor as the file spells it (what the user
     // can look up): a NaN or Inf in W would spread over the whole edited layer (SPEC §6: refuse,
     // never write a damaged edit).
-    if (!at::isfinite(w).all().item<bool>()) {
+    if (!all_finite(w)) {
       const auto bad = at::isfinite(w).logical_not().sum().item<std::int64_t>();
       fail_hint("the checkpoint is damaged: re-download or re-convert it",
                 "tensor '{}' of '{}' contains non-finite values ({} NaN or Inf of {}); it cannot be "
@@ -247,7 +249,36 @@ RunResult run_erase(const EraseRequest& req) {
   SPEED_CHECK(!inputs.empty(), "'{}' has no attn2 {} layers to edit", ckpt.path,
               params_name(eopt.params));
   if (req.progress) req.progress({"edit", 0, static_cast<std::int64_t>(inputs.size())});
+  // The DPA direction of a weight (its smallest right singular vector, a third of the edit's
+  // work) depends on W alone: cached beside the embeddings, keyed by W's bytes, dtype and shape.
+  const bool dpa = eopt.method == EditMethod::Speed && eopt.augment > 0;
+  std::vector<std::vector<std::int32_t>> dpa_keys;
+  std::int64_t dpa_hits = 0;
+  if (dpa) {
+    for (LayerInput& in : inputs) {
+      const at::Tensor& w = in.weight;
+      const std::uint64_t h =
+          hash64(w.data_ptr(), static_cast<std::size_t>(w.numel() * w.element_size()));
+      dpa_keys.push_back({static_cast<std::int32_t>(h & 0xffffffffu), static_cast<std::int32_t>(h >> 32),
+                          static_cast<std::int32_t>(w.size(0)), static_cast<std::int32_t>(w.size(1)),
+                          static_cast<std::int32_t>(w.scalar_type())});
+      at::Tensor v = at::empty({w.size(1)}, at::kDouble);
+      if (emb.get_vector(kDpaDirection, dpa_keys.back(), v.numel(), v.data_ptr<double>())) {
+        in.dpa_direction = v;
+        ++dpa_hits;
+      }
+    }
+  }
   EditResult edit = edit_layers(sets, inputs, eopt);
+  if (dpa) {
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const at::Tensor& v = edit.layers[i].dpa_direction;
+      if (!inputs[i].dpa_direction.defined() && v.defined()) {
+        emb.put_vector(kDpaDirection, dpa_keys[i], v.numel(), v.data_ptr<double>());
+      }
+    }
+    log().debug("edit: DPA directions, {} of {} from the cache", dpa_hits, inputs.size());
+  }
   if (req.progress) {
     req.progress({"edit", static_cast<std::int64_t>(inputs.size()), static_cast<std::int64_t>(inputs.size())});
   }

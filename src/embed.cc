@@ -92,6 +92,28 @@ void Embedder::Impl::load_weights() {
 std::int64_t Embedder::width() const { return impl_->width; }
 int Embedder::pad_id() const { return impl_->encoders[0]->info().pad_id; }
 const ClipTokenizer& Embedder::tokenizer() const { return *impl_->tokenizer; }
+namespace {
+CacheKey vector_key(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n) {
+  CacheKey k;
+  k.mode = 16 + kind;  // beside modes 0 and 1 (embeddings)
+  k.elem_size = 8;
+  k.ids = key;
+  k.rows = 1;
+  k.width = static_cast<std::uint64_t>(n);
+  return k;
+}
+}  // namespace
+
+bool Embedder::get_vector(std::uint32_t kind, const std::vector<std::int32_t>& key,
+                          std::int64_t n, double* out) const {
+  return impl_->cache && n > 0 && impl_->cache->get(vector_key(kind, key, n), out);
+}
+
+void Embedder::put_vector(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n,
+                          const double* data) {
+  if (impl_->cache && n > 0) impl_->cache->put(vector_key(kind, key, n), data);
+}
+
 bool Embedder::weights_loaded() const { return impl_->loaded; }
 std::int64_t Embedder::cache_hits() const { return impl_->hits; }
 std::int64_t Embedder::cache_misses() const { return impl_->misses; }
