@@ -66,8 +66,9 @@ void check_report_path(const std::string& path, const std::vector<std::string>& 
 at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bool all_tokens,
                       const std::string& stage, const ProgressFn& progress, std::int64_t& done,
                       std::int64_t total) {
-  // Chunks only for progress: rows do not depend on what they are batched with.
-  constexpr std::size_t kChunk = 256;
+  // Chunks only for progress (rows do not depend on what they are batched with); large, since
+  // every call runs its own passes over the encoder weights.
+  constexpr std::size_t kChunk = 4096;
   std::vector<at::Tensor> parts;
   for (std::size_t i = 0; i < prompts.size(); i += kChunk) {
     std::vector<std::string> chunk(prompts.begin() + static_cast<std::ptrdiff_t>(i),
@@ -85,6 +86,8 @@ at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bo
 }  // namespace detail
 
 using detail::Stopwatch;
+
+constexpr std::uint32_t kDpaDirection = 1;  // Embedder::get_vector kind
 
 std::string resolve_device(const std::string& device) {
   if (device == "cpu") return "cpu";
@@ -192,14 +195,28 @@ RunResult run_erase(const EraseRequest& req) {
   const bool all = req.edit.all_tokens;
   std::int64_t done = 0;
   std::int64_t units = static_cast<std::int64_t>(2 * set.targets.size() + set.retain.size() + 1);
-  sets.targets = detail::embed_rows(emb, set.targets, all, "encode", req.progress, done, units);
-  sets.anchors = detail::embed_rows(emb, set.anchors, all, "encode", req.progress, done, units);
+  const auto n_targets = static_cast<std::int64_t>(set.targets.size());
   if (all) {
-    sets.targets = sets.targets.narrow(1, 1, kContext - 1);
-    sets.anchors = sets.anchors.narrow(1, 1, kContext - 1);
-  }
-  if (set.has_retain_source) {
-    sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
+    sets.targets = detail::embed_rows(emb, set.targets, true, "encode", req.progress, done, units)
+                       .narrow(1, 1, kContext - 1);
+    sets.anchors = detail::embed_rows(emb, set.anchors, true, "encode", req.progress, done, units)
+                       .narrow(1, 1, kContext - 1);
+    if (set.has_retain_source) {
+      sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
+    }
+  } else {
+    // Targets, anchors and retain texts in one call: one set of length groups, so one pass over
+    // the encoder weights per length instead of one per list and length.
+    std::vector<std::string> rows = set.targets;
+    rows.insert(rows.end(), set.anchors.begin(), set.anchors.end());
+    if (set.has_retain_source) rows.insert(rows.end(), set.retain.begin(), set.retain.end());
+    const at::Tensor all_rows =
+        detail::embed_rows(emb, rows, false, "encode", req.progress, done, units);
+    sets.targets = all_rows.narrow(0, 0, n_targets);
+    sets.anchors = all_rows.narrow(0, n_targets, n_targets);
+    if (set.has_retain_source) {
+      sets.retain = all_rows.narrow(0, 2 * n_targets, all_rows.size(0) - 2 * n_targets);
+    }
   }
   sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
   std::int64_t hits = emb.cache_hits(), misses = emb.cache_misses();
@@ -219,7 +236,7 @@ RunResult run_erase(const EraseRequest& req) {
     // Checked here, in the stored dtype, to name the tensor as the file spells it (what the user
     // can look up): a NaN or Inf in W would spread over the whole edited layer (SPEC §6: refuse,
     // never write a damaged edit).
-    if (!at::isfinite(w).all().item<bool>()) {
+    if (!all_finite(w)) {
       const auto bad = at::isfinite(w).logical_not().sum().item<std::int64_t>();
       fail_hint("the checkpoint is damaged: re-download or re-convert it",
                 "tensor '{}' of '{}' contains non-finite values ({} NaN or Inf of {}); it cannot be "
@@ -232,7 +249,36 @@ RunResult run_erase(const EraseRequest& req) {
   SPEED_CHECK(!inputs.empty(), "'{}' has no attn2 {} layers to edit", ckpt.path,
               params_name(eopt.params));
   if (req.progress) req.progress({"edit", 0, static_cast<std::int64_t>(inputs.size())});
+  // The DPA direction of a weight (its smallest right singular vector, a third of the edit's
+  // work) depends on W alone: cached beside the embeddings, keyed by W's bytes, dtype and shape.
+  const bool dpa = eopt.method == EditMethod::Speed && eopt.augment > 0;
+  std::vector<std::vector<std::int32_t>> dpa_keys;
+  std::int64_t dpa_hits = 0;
+  if (dpa) {
+    for (LayerInput& in : inputs) {
+      const at::Tensor& w = in.weight;
+      const std::uint64_t h =
+          hash64(w.data_ptr(), static_cast<std::size_t>(w.numel() * w.element_size()));
+      dpa_keys.push_back({static_cast<std::int32_t>(h & 0xffffffffu), static_cast<std::int32_t>(h >> 32),
+                          static_cast<std::int32_t>(w.size(0)), static_cast<std::int32_t>(w.size(1)),
+                          static_cast<std::int32_t>(w.scalar_type())});
+      at::Tensor v = at::empty({w.size(1)}, at::kDouble);
+      if (emb.get_vector(kDpaDirection, dpa_keys.back(), v.numel(), v.data_ptr<double>())) {
+        in.dpa_direction = v;
+        ++dpa_hits;
+      }
+    }
+  }
   EditResult edit = edit_layers(sets, inputs, eopt);
+  if (dpa) {
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const at::Tensor& v = edit.layers[i].dpa_direction;
+      if (!inputs[i].dpa_direction.defined() && v.defined()) {
+        emb.put_vector(kDpaDirection, dpa_keys[i], v.numel(), v.data_ptr<double>());
+      }
+    }
+    log().debug("edit: DPA directions, {} of {} from the cache", dpa_hits, inputs.size());
+  }
   if (req.progress) {
     req.progress({"edit", static_cast<std::int64_t>(inputs.size()), static_cast<std::int64_t>(inputs.size())});
   }

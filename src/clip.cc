@@ -54,49 +54,73 @@ at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::in
   return out;
 }
 
-// The forward pass; when `capture` is set, records each layer's keys and values.
-at::Tensor run(const TextEncoder::Impl& impl, const at::Tensor& ids_in,
-               const TextEncoder::Prefix* prefix, TextEncoder::Prefix* capture) {
+// The forward pass over several id batches [B_g, T_g] at once: the linear layers and the MLP
+// run on the rows of all batches packed into one [M, W] matrix (one pass over the weights for
+// the whole call), attention runs per batch. Each row depends only on its own prompt (and the
+// prefix). When `capture` is set (one batch only), records each layer's keys and values.
+std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at::Tensor>& ids_in,
+                            const TextEncoder::Prefix* prefix, TextEncoder::Prefix* capture) {
   c10::InferenceMode guard;
   SPEED_CHECK(impl.options.weights, "text encoder '{}' was loaded for validation only (no weights)",
               impl.info.prefix);
+  SPEED_CHECK(!capture || ids_in.size() == 1, "prefix capture takes one batch, got {}",
+              ids_in.size());
   const ClipText& m = *impl.model;
   const std::int64_t P = prefix ? prefix->length : 0;
-  const at::Tensor ids = check_ids(ids_in, impl.info, P, impl.device);
-  const std::int64_t B = ids.size(0), T = ids.size(1), W = impl.info.width, H = impl.heads,
-                     D = W / H, S = P + T;
+  const std::int64_t W = impl.info.width, H = impl.heads, D = W / H;
   const auto opts = at::TensorOptions().dtype(impl.dtype).device(impl.device);
-  if (B == 0) return at::empty({0, T, W}, opts);
-
-  // Gather from the stored-dtype table, then widen only the rows used.
-  at::Tensor x = m.embeddings->token_embedding->weight.index_select(0, ids.view({-1}))
-                     .to(impl.dtype)
-                     .view({B, T, W});
-  x.add_(m.embeddings->position_embedding->weight.narrow(0, P, T));
-
-  // Causal mask over [T, S]: new token i sees prefix tokens and new tokens 0..i.
-  const at::Tensor mask =
-      at::full({T, S}, -std::numeric_limits<double>::infinity(), opts).triu(P + 1);
+  const std::size_t G = ids_in.size();
+  std::vector<std::int64_t> Bs(G), Ts(G), offs(G + 1, 0);
+  std::vector<at::Tensor> xs, masks(G);
+  for (std::size_t g = 0; g < G; ++g) {
+    const at::Tensor ids = check_ids(ids_in[g], impl.info, P, impl.device);
+    Bs[g] = ids.size(0), Ts[g] = ids.size(1);
+    offs[g + 1] = offs[g] + Bs[g] * Ts[g];
+    if (Bs[g] == 0) continue;
+    // Gather from the stored-dtype table, then widen only the rows used.
+    at::Tensor x = m.embeddings->token_embedding->weight.index_select(0, ids.view({-1}))
+                       .to(impl.dtype)
+                       .view({Bs[g], Ts[g], W});
+    x.add_(m.embeddings->position_embedding->weight.narrow(0, P, Ts[g]));
+    xs.push_back(x.view({Bs[g] * Ts[g], W}));
+    // Causal mask over [T, S]: new token i sees prefix tokens and new tokens 0..i.
+    masks[g] = at::full({Ts[g], P + Ts[g]}, -std::numeric_limits<double>::infinity(), opts)
+                   .triu(P + 1);
+  }
+  std::vector<at::Tensor> out(G);
+  if (xs.empty()) {
+    for (std::size_t g = 0; g < G; ++g) out[g] = at::empty({Bs[g], Ts[g], W}, opts);
+    return out;
+  }
+  at::Tensor x = xs.size() == 1 ? xs[0] : at::cat(xs, 0);  // [M, W]
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const bool quick = impl.info.activation == Activation::QuickGELU;
 
+  std::vector<at::Tensor> os;
   for (int l = 0; l < impl.layers_run; ++l) {
     const Block& blk = *m.encoder->layers->blocks[l];
     const Attention& a = *blk.self_attn;
     at::Tensor h = at::layer_norm(x, {W}, blk.layer_norm1->weight, blk.layer_norm1->bias, 1e-5);
-    at::Tensor qkv = at::linear(h, a.in_w, a.in_b).view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4});
-    at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // [B, H, T, D]
-    if (capture) {
-      capture->keys.push_back(k.contiguous());
-      capture->values.push_back(v.contiguous());
+    const at::Tensor qkv_all = at::linear(h, a.in_w, a.in_b);  // [M, 3W]
+    os.clear();
+    for (std::size_t g = 0; g < G; ++g) {
+      const std::int64_t B = Bs[g], T = Ts[g];
+      if (B == 0) continue;
+      at::Tensor qkv = qkv_all.narrow(0, offs[g], B * T).view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4});
+      at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // [B, H, T, D]
+      if (capture) {
+        capture->keys.push_back(k.contiguous());
+        capture->values.push_back(v.contiguous());
+      }
+      if (prefix) {
+        k = at::cat({prefix->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
+        v = at::cat({prefix->values[l].expand({B, H, P, D}), v}, 2);
+      }
+      at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(masks[g]);  // [B, H, T, S]
+      at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
+      os.push_back(o.permute({0, 2, 1, 3}).reshape({B * T, W}));
     }
-    if (prefix) {
-      k = at::cat({prefix->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
-      v = at::cat({prefix->values[l].expand({B, H, P, D}), v}, 2);
-    }
-    at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(mask);  // [B, H, T, S]
-    at::Tensor o = at::matmul(at::softmax(scores, -1), v);                         // [B, H, T, D]
-    x.add_(at::linear(o.permute({0, 2, 1, 3}).reshape({B, T, W}), a.out_proj->weight,
+    x.add_(at::linear(os.size() == 1 ? os[0] : at::cat(os, 0), a.out_proj->weight,
                       a.out_proj->bias));
     h = at::layer_norm(x, {W}, blk.layer_norm2->weight, blk.layer_norm2->bias, 1e-5);
     h = at::linear(h, blk.mlp->fc1->weight, blk.mlp->fc1->bias);
@@ -106,7 +130,11 @@ at::Tensor run(const TextEncoder::Impl& impl, const at::Tensor& ids_in,
   if (m.final_layer_norm) {
     x = at::layer_norm(x, {W}, m.final_layer_norm->weight, m.final_layer_norm->bias, 1e-5);
   }
-  return x;
+  for (std::size_t g = 0; g < G; ++g) {
+    out[g] = Bs[g] == 0 ? at::empty({0, Ts[g], W}, opts)
+                        : x.narrow(0, offs[g], Bs[g] * Ts[g]).view({Bs[g], Ts[g], W});
+  }
+  return out;
 }
 
 }  // namespace
@@ -117,12 +145,17 @@ TextEncoder::Prefix TextEncoder::encode_prefix(const at::Tensor& ids) const {
               ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
   Prefix p;
   const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(0) : ids;
-  p.states = run(*impl_, ids2, nullptr, &p);
+  p.states = run(*impl_, {ids2}, nullptr, &p)[0];
   p.length = ids2.size(1);
   return p;
 }
 
 at::Tensor TextEncoder::forward(const at::Tensor& ids, const Prefix* prefix) const {
+  return forward_many({ids}, prefix)[0];
+}
+
+std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>& ids,
+                                                  const Prefix* prefix) const {
   if (prefix) {
     SPEED_CHECK(prefix->keys.size() == static_cast<std::size_t>(impl_->layers_run) &&
                     prefix->values.size() == prefix->keys.size(),

@@ -46,9 +46,13 @@ struct Embedder::Impl {
 
   enum Mode : std::uint32_t { LastSubject = 0, AllTokens = 1 };
   at::Tensor embed(const std::vector<TokenizedPrompt>& tokens, Mode mode);
-  // [b, rows, width] for one batch of misses.
-  at::Tensor run_batch(const std::vector<const TokenizedPrompt*>& batch, Mode mode, std::int64_t L,
-                       std::vector<std::optional<TextEncoder::Prefix>>& sot);
+  struct Batch {
+    std::int64_t length = 0;  // ids used per prompt (the same for the whole batch)
+    std::vector<const TokenizedPrompt*> prompts;
+  };
+  // [b, rows, width] for each batch of misses; all batches go through one pass per encoder.
+  std::vector<at::Tensor> run_batches(const std::vector<Batch>& batches, Mode mode,
+                                      std::vector<std::optional<TextEncoder::Prefix>>& sot);
 };
 
 Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tokenizer_path,
@@ -88,6 +92,28 @@ void Embedder::Impl::load_weights() {
 std::int64_t Embedder::width() const { return impl_->width; }
 int Embedder::pad_id() const { return impl_->encoders[0]->info().pad_id; }
 const ClipTokenizer& Embedder::tokenizer() const { return *impl_->tokenizer; }
+namespace {
+CacheKey vector_key(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n) {
+  CacheKey k;
+  k.mode = 16 + kind;  // beside modes 0 and 1 (embeddings)
+  k.elem_size = 8;
+  k.ids = key;
+  k.rows = 1;
+  k.width = static_cast<std::uint64_t>(n);
+  return k;
+}
+}  // namespace
+
+bool Embedder::get_vector(std::uint32_t kind, const std::vector<std::int32_t>& key,
+                          std::int64_t n, double* out) const {
+  return impl_->cache && n > 0 && impl_->cache->get(vector_key(kind, key, n), out);
+}
+
+void Embedder::put_vector(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n,
+                          const double* data) {
+  if (impl_->cache && n > 0) impl_->cache->put(vector_key(kind, key, n), data);
+}
+
 bool Embedder::weights_loaded() const { return impl_->loaded; }
 std::int64_t Embedder::cache_hits() const { return impl_->hits; }
 std::int64_t Embedder::cache_misses() const { return impl_->misses; }
@@ -123,35 +149,52 @@ at::Tensor Embedder::all_tokens(const std::vector<TokenizedPrompt>& tokens) {
   return impl_->embed(tokens, Impl::AllTokens);
 }
 
-at::Tensor Embedder::Impl::run_batch(const std::vector<const TokenizedPrompt*>& batch, Mode mode,
-                                     std::int64_t L,
-                                     std::vector<std::optional<TextEncoder::Prefix>>& sot) {
-  const auto b = static_cast<std::int64_t>(batch.size());
-  std::vector<at::Tensor> parts;
+std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& batches, Mode mode,
+                                                    std::vector<std::optional<TextEncoder::Prefix>>& sot) {
+  std::vector<std::vector<at::Tensor>> parts(batches.size());
   for (std::size_t e = 0; e < encoders.size(); ++e) {
     const TextEncoder& enc = *encoders[e];
     const int pad = enc.info().pad_id;
-    at::Tensor ids = at::empty({b, L}, at::kLong);
-    auto acc = ids.accessor<std::int64_t, 2>();
-    for (std::int64_t i = 0; i < b; ++i) {
-      const TokenizedPrompt& t = *batch[i];
-      // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
-      for (std::int64_t j = 0; j < L; ++j) acc[i][j] = j < t.n ? t.ids[j] : pad;
+    std::vector<at::Tensor> ids_list;
+    std::vector<std::size_t> run_index;  // batch of each forward input
+    for (std::size_t bi = 0; bi < batches.size(); ++bi) {
+      const Batch& batch = batches[bi];
+      const auto b = static_cast<std::int64_t>(batch.prompts.size());
+      const std::int64_t L = batch.length;
+      at::Tensor ids = at::empty({b, L}, at::kLong);
+      auto acc = ids.accessor<std::int64_t, 2>();
+      for (std::int64_t i = 0; i < b; ++i) {
+        const TokenizedPrompt& t = *batch.prompts[i];
+        // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
+        for (std::int64_t j = 0; j < L; ++j) acc[i][j] = j < t.n ? t.ids[j] : pad;
+      }
+      if (mode == LastSubject) {
+        // Every prompt starts with SOT: its keys/values are shared by the whole call.
+        if (!sot[e]) sot[e] = enc.encode_prefix(ids[0].narrow(0, 0, 1));
+        if (L == 1) {
+          parts[bi].push_back(sot[e]->states.expand({b, 1, enc.info().width}));
+          continue;
+        }
+        ids = ids.narrow(1, 1, L - 1);
+      }
+      ids_list.push_back(ids);
+      run_index.push_back(bi);
     }
-    if (mode == AllTokens) {
-      parts.push_back(enc.forward(ids));
-      continue;
-    }
-    // Every prompt starts with SOT: its keys/values are shared by the whole call.
-    if (!sot[e]) sot[e] = enc.encode_prefix(ids[0].narrow(0, 0, 1));
-    if (L == 1) {
-      parts.push_back(sot[e]->states.expand({b, 1, enc.info().width}));
-    } else {
-      parts.push_back(enc.forward(ids.narrow(1, 1, L - 1), &*sot[e]).narrow(1, L - 2, 1));
+    if (ids_list.empty()) continue;
+    std::vector<at::Tensor> outs =
+        enc.forward_many(ids_list, mode == LastSubject ? &*sot[e] : nullptr);
+    for (std::size_t r = 0; r < outs.size(); ++r) {
+      const std::size_t bi = run_index[r];
+      const std::int64_t L = batches[bi].length;
+      parts[bi].push_back(mode == AllTokens ? outs[r] : outs[r].narrow(1, L - 2, 1));
     }
   }
-  at::Tensor out = parts.size() == 1 ? parts[0] : at::cat(parts, -1);
-  return out.to(at::kCPU, options.dtype).contiguous();
+  std::vector<at::Tensor> result;
+  for (auto& p : parts) {
+    at::Tensor out = p.size() == 1 ? p[0] : at::cat(p, -1);
+    result.push_back(out.to(at::kCPU, options.dtype).contiguous());
+  }
+  return result;
 }
 
 at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mode mode) {
@@ -198,20 +241,40 @@ at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mod
 
   if (!by_length.empty()) load_weights();
   std::vector<std::optional<TextEncoder::Prefix>> sot(encoders.size());
-  for (const auto& [L, members] : by_length) {
-    const std::int64_t per = std::max<std::int64_t>(1, options.max_batch_tokens / L);
-    for (std::size_t s = 0; s < members.size(); s += per) {
-      const std::size_t e = std::min(members.size(), s + static_cast<std::size_t>(per));
-      std::vector<const TokenizedPrompt*> batch;
-      for (std::size_t m = s; m < e; ++m) batch.push_back(unique[members[m]]);
-      at::Tensor r = run_batch(batch, mode, L, sot);
-      for (std::size_t m = s; m < e; ++m) {
-        const std::int64_t u = members[m];
-        res[u].copy_(r[static_cast<std::int64_t>(m - s)]);
+  // Length groups are cut into batches, and batches are packed into calls of at most
+  // max_batch_tokens tokens: each call is one pass over the encoder weights.
+  std::vector<Batch> call;
+  std::vector<std::vector<std::int64_t>> call_members;
+  std::int64_t call_tokens = 0;
+  auto flush = [&] {
+    if (call.empty()) return;
+    const std::vector<at::Tensor> rs = run_batches(call, mode, sot);
+    for (std::size_t bi = 0; bi < call.size(); ++bi) {
+      for (std::size_t m = 0; m < call_members[bi].size(); ++m) {
+        const std::int64_t u = call_members[bi][m];
+        res[u].copy_(rs[bi][static_cast<std::int64_t>(m)]);
         if (cache) cache->put(keys[u], res[u].data_ptr());
       }
     }
+    call.clear(), call_members.clear(), call_tokens = 0;
+  };
+  for (const auto& [L, members] : by_length) {
+    std::size_t s = 0;
+    while (s < members.size()) {
+      const std::int64_t room = std::max<std::int64_t>(1, (options.max_batch_tokens - call_tokens) / L);
+      const std::size_t e = std::min(members.size(), s + static_cast<std::size_t>(room));
+      Batch batch;
+      batch.length = L;
+      std::vector<std::int64_t> us;
+      for (std::size_t m = s; m < e; ++m) batch.prompts.push_back(unique[members[m]]), us.push_back(members[m]);
+      call_tokens += L * static_cast<std::int64_t>(e - s);
+      call.push_back(std::move(batch));
+      call_members.push_back(std::move(us));
+      s = e;
+      if (call_tokens >= options.max_batch_tokens) flush();
+    }
   }
+  flush();
   log().debug("embedded {} prompts ({} unique, {} from cache) in {} length groups", N, U,
               cache ? hits : 0, by_length.size());
   if (U == N) {

@@ -162,7 +162,7 @@ namespace detail {
 double fro(const at::Tensor& t) { return t.norm().item<double>(); }
 
 void check_finite(const at::Tensor& t, const char* what) {
-  SPEED_CHECK(at::isfinite(t).all().item<bool>(), "{} contain non-finite values", what);
+  SPEED_CHECK(all_finite(t), "{} contain non-finite values", what);
 }
 
 namespace {

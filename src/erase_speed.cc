@@ -37,7 +37,7 @@ at::Tensor layer_weight(const LayerInput& layer, const Prepared& p) {
   SPEED_CHECK(at::isFloatingType(w.scalar_type()),
               "layer '{}' has dtype {}, expected a floating type", layer.name, w.scalar_type());
   at::Tensor W = w.to(p.device, at::kDouble);
-  SPEED_CHECK(at::isfinite(W).all().item<bool>(), "layer '{}' contains non-finite values",
+  SPEED_CHECK(all_finite(W), "layer '{}' contains non-finite values",
               layer.name);
   return W;
 }
@@ -484,7 +484,15 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       w.kept = at::arange(n, at::TensorOptions().dtype(at::kLong).device(p.device));
     }
     if (o.augment > 0) {
-      w.v = dpa_direction(w.W);
+      const at::Tensor& given = layers[i].dpa_direction;
+      if (given.defined()) {
+        SPEED_CHECK(given.dim() == 1 && given.size(0) == d, "layer '{}': DPA direction has shape {}, expected [{}]",
+                    layers[i].name, shape_string(given.sizes()), d);
+        w.v = given.to(p.device, at::kDouble);
+      } else {
+        w.v = dpa_direction(w.W);
+      }
+      result.layers[i].dpa_direction = w.v.to(at::kCPU).contiguous();
       const at::Tensor Ev = at::matmul(w.WL, at::matmul(J, w.v));  // E v [out]
       w.v_cpu = w.v.to(at::kCPU).contiguous();
       w.er_sq = (ER * ER).sum(1).to(at::kCPU).contiguous();
@@ -521,7 +529,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       RF = at::matmul(p.retain, F.t());
     }
     lr.delta = at::matmul(w.WL, F);
-    SPEED_CHECK(at::isfinite(lr.delta).all().item<bool>(), "layer '{}': the edit is not finite",
+    SPEED_CHECK(all_finite(lr.delta), "layer '{}': the edit is not finite",
                 layers[i].name);
     diagnose_factored(layers[i], w.W, w.WL, F, lr.delta, p, g,
                       at::matmul(RF, w.WL.t()).norm(2, {1}));

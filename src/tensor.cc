@@ -1,6 +1,7 @@
 // safetensors TensorInfo <-> at::Tensor.
 #include "speed/tensor.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "speed/error.h"
@@ -44,6 +45,12 @@ Dtype to_dtype(at::ScalarType t) {
     case at::kLong: return Dtype::I64;
     default: fail("torch dtype '{}' has no safetensors equivalent here", t);
   }
+}
+
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (std::isfinite(t.sum(at::kDouble).item<double>())) return true;
+  return at::isfinite(t).all().item<bool>();
 }
 
 std::string shape_string(at::IntArrayRef shape) {

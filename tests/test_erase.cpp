@@ -248,6 +248,29 @@ TEST_CASE("DPA on few retain rows (low-rank null-space path) keeps the invariant
   }
 }
 
+TEST_CASE("a given DPA direction (the pipeline's cache) gives the same bytes as computing it", "[unit]") {
+  Problem p = random_problem(24, 8, 24, 3);
+  EraseOptions o;
+  o.augment = 3, o.threshold = 1e-9;
+  const EditResult a = edit_layers(p.sets, p.layers, o);
+  std::vector<LayerInput> given = p.layers;
+  for (std::size_t i = 0; i < given.size(); ++i) {
+    REQUIRE(a.layers[i].dpa_direction.defined());
+    CHECK(a.layers[i].dpa_direction.sizes() == at::IntArrayRef({24}));
+    given[i].dpa_direction = a.layers[i].dpa_direction.clone();
+  }
+  const EditResult b = edit_layers(p.sets, given, o);
+  for (std::size_t i = 0; i < given.size(); ++i) {
+    CHECK(at::equal(a.layers[i].delta, b.layers[i].delta));
+    CHECK(at::equal(a.layers[i].dpa_direction, b.layers[i].dpa_direction));
+  }
+  given[0].dpa_direction = at::zeros({23}, at::kDouble);
+  CHECK_THAT(error_of([&] { edit_layers(p.sets, given, o); }),
+             Catch::Contains("DPA direction has shape [23], expected [24]"));
+  o.augment = 0;  // no DPA: no direction reported
+  CHECK_FALSE(edit_layers(p.sets, p.layers, o).layers[0].dpa_direction.defined());
+}
+
 TEST_CASE("the DPA direction is the last right singular vector of W", "[unit]") {
   for (std::int64_t out : {40, 24, 9}) {
     const at::Tensor W = randn({out, 24}, 100 + out);

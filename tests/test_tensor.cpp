@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstring>
 
 #include "speed/error.h"
@@ -133,4 +134,25 @@ TEST_CASE("fmt formats torch types", "[unit]") {
   CHECK(fmt::format("{}", at::kFloat) == "Float");
   CHECK(fmt::format("{}", at::ones({1})).find('1') != std::string::npos);
   CHECK(shape_string({}) == "[]");
+}
+
+TEST_CASE("all_finite: NaN and infinities in every floating dtype, no false alarm on overflow", "[unit]") {
+  for (auto dt : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) {
+    INFO("dtype " << dt);
+    at::Tensor t = at::randn({64, 48}).to(dt);
+    CHECK(all_finite(t));
+    CHECK(all_finite(at::empty({0, 3}, dt)));
+    for (double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+      at::Tensor u = t.clone();
+      u[17][5] = bad;
+      CHECK_FALSE(all_finite(u));
+    }
+    at::Tensor both = t.clone();  // +Inf and -Inf: the sum is NaN, still refused
+    both[0][0] = HUGE_VAL;
+    both[1][1] = -HUGE_VAL;
+    CHECK_FALSE(all_finite(both));
+  }
+  // Finite float64 values whose sum overflows: the exact check decides.
+  CHECK(all_finite(at::full({8}, 1e308, at::kDouble)));
+  CHECK(all_finite(at::full({2, 3}, 60000.0, at::kHalf)));
 }

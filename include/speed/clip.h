@@ -70,6 +70,11 @@ class TextEncoder {
   // configured layer (+ final LN when enabled), causal mask, no padding mask, position ids
   // 0..T-1 (or P..P+T-1 after a prefix of length P).
   at::Tensor forward(const at::Tensor& ids, const Prefix* prefix = nullptr) const;
+  // The same for several batches [B_g, T_g] (any lengths) in one pass over the weights: the
+  // linear layers run on all their rows packed together, attention per batch. Rows are those of
+  // forward() on each batch alone (up to float rounding).
+  std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& ids,
+                                       const Prefix* prefix = nullptr) const;
 
   // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor).
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;

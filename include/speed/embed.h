@@ -62,6 +62,14 @@ class Embedder {
   // came from the cache).
   bool weights_loaded() const;
 
+  // A float64 vector derived from this model's weights (e.g. a weight's DPA direction), cached
+  // beside the embeddings under (kind, key): filled and true on a valid entry. put_vector
+  // stores one (no-op without a cache). Entries are checksummed like the embeddings.
+  bool get_vector(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n,
+                  double* out) const;
+  void put_vector(std::uint32_t kind, const std::vector<std::int32_t>& key, std::int64_t n,
+                  const double* data);
+
   // Embedding-cache statistics of this embedder's calls.
   std::int64_t cache_hits() const;
   std::int64_t cache_misses() const;

@@ -64,6 +64,10 @@ struct EmbeddingSets {
 struct LayerInput {
   std::string name;   // reported as is (the pipeline passes the canonical diffusers name)
   at::Tensor weight;  // W [out, d], any floating dtype
+  // Optional: W's DPA direction [d] float64 as an earlier run computed it (it depends on W only;
+  // the pipeline caches it beside the embeddings). Used as given, so the bytes match a run that
+  // computes it.
+  at::Tensor dpa_direction;
 };
 
 // Per-layer report entries (SPEC §4). NaN where a value does not exist (e.g. no eigenvalue below
@@ -90,6 +94,7 @@ struct LayerDiagnostics {
 struct LayerResult {
   at::Tensor delta;  // ΔW [out, d], float64, on the options' device
   LayerDiagnostics diag;
+  at::Tensor dpa_direction;  // [d] float64 on the CPU when DPA ran (given or computed)
 };
 
 struct KMeansResult {
