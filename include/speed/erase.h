@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <string_view>
 #include <vector>
 
@@ -62,6 +63,9 @@ struct EmbeddingSets {
 };
 
 struct LayerInput {
+  LayerInput() = default;
+  LayerInput(std::string n, at::Tensor w, at::Tensor dpa = {})
+      : name(std::move(n)), weight(std::move(w)), dpa_direction(std::move(dpa)) {}
   std::string name;   // reported as is (the pipeline passes the canonical diffusers name)
   at::Tensor weight;  // W [out, d], any floating dtype
   // Optional: W's DPA direction [d] float64 as an earlier run computed it (it depends on W only;
