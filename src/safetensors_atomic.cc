@@ -137,6 +137,29 @@ void fsync_dir(const std::string& dir) {
   }
 }
 
+// temp -> path. With `noreplace`, an existing path is refused with `hint` (RENAME_NOREPLACE,
+// atomic, where the kernel and filesystem have it; plain rename(2) otherwise).
+void rename_into_place(const std::string& temp, const std::string& path, bool noreplace,
+                       const char* hint) {
+  int rc = -1;
+#ifdef RENAME_NOREPLACE
+  if (noreplace) {
+    rc = ::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE);
+    if (rc != 0 && errno == EEXIST) fail_hint(hint, "output '{}' already exists", path);
+    if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
+      int err = errno;
+      fail("cannot rename '{}' to '{}': {}", temp, path, std::strerror(err));
+    }
+  }
+#else
+  (void)noreplace, (void)hint;
+#endif
+  if (rc != 0 && ::rename(temp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    fail("cannot rename '{}' to '{}': {}", temp, path, std::strerror(err));
+  }
+}
+
 // Write-out is started every kWritebackChunk bytes (see start_writeback()).
 constexpr std::uint64_t kWritebackChunk = std::uint64_t{32} << 20;
 // copy_file_range and the read + write fallback move at most this much per call.
@@ -327,21 +350,7 @@ void AtomicFile::finish() {
 
 void AtomicFile::publish() {
   finish();
-  int rc = -1;
-#ifdef RENAME_NOREPLACE
-  if (!overwrite_) {
-    rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE);
-    if (rc != 0 && errno == EEXIST) fail_hint("pass --force to overwrite it", "output '{}' already exists", path_);
-    if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
-      int err = errno;
-      fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
-    }
-  }
-#endif
-  if (rc != 0 && ::rename(temp_.c_str(), path_.c_str()) != 0) {
-    int err = errno;
-    fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
-  }
+  rename_into_place(temp_, path_, !overwrite_, "pass --force to overwrite it");
   unregister_temp(slot_);
   slot_ = -1;
   done_ = true;
@@ -385,12 +394,11 @@ void AtomicDir::publish() {
     SPEED_CHECK(S_ISDIR(out.st_mode), "output '{}' exists and is not a folder", path_);
     if (!overwrite_) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
   }
-  int rc = -1;
 #ifdef RENAME_EXCHANGE
   if (exists) {
     // One step: the new folder takes the name, the old one takes the temp name (still
     // registered, so a signal during its removal below removes the rest of it).
-    rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_EXCHANGE);
+    const int rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_EXCHANGE);
     if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
       int err = errno;
       fail("cannot swap '{}' in for '{}': {}", temp_, path_, std::strerror(err));
@@ -433,18 +441,9 @@ void AtomicDir::publish() {
     unregister_temp(old_slot);
     return;
   }
-#ifdef RENAME_NOREPLACE
-  rc = ::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE);
-  if (rc != 0 && errno == EEXIST) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
-  if (rc != 0 && errno != EINVAL && errno != ENOSYS) {
-    int err = errno;
-    fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
-  }
-#endif
-  if (rc != 0 && ::rename(temp_.c_str(), path_.c_str()) != 0) {
-    int err = errno;
-    fail("cannot rename '{}' to '{}': {}", temp_, path_, std::strerror(err));
-  }
+  // Nothing at path_ (an existing folder was swapped or moved aside above): refuse a folder that
+  // appeared since, never rename over it.
+  rename_into_place(temp_, path_, true, "pass --force to replace it");
   unregister_temp(slot_);
   slot_ = -1;
   temp_.clear();
