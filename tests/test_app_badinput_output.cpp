@@ -141,19 +141,13 @@ TEST_CASE("bad output: SIGINT/SIGTERM during the write leave no output and no te
     pid_t pid = spawn(erase_args(model, out), tmp.io());
     // Wait for the temp file to exist and hold data (its registration for clean-up follows its
     // creation by microseconds), then signal once.
-    bool seen = false;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
-    while (!seen && std::chrono::steady_clock::now() < deadline) {
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) {
-        FAIL("the run ended before its output was being written: " << slurp(tmp.io() / "stderr.txt"));
-      }
+    const bool seen = wait_while_running(pid, tmp.io(), [&] {
       std::error_code ec;
       for (const auto& e : fs::directory_iterator(tmp.out(), ec)) {
-        if (e.path().filename().string().find(".tmp-") != std::string::npos && e.file_size(ec) > (1u << 20)) seen = true;
+        if (e.path().filename().string().find(".tmp-") != std::string::npos && e.file_size(ec) > (1u << 20)) return true;
       }
-      if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
+      return false;
+    });
     REQUIRE(seen);
     REQUIRE(::kill(pid, sig) == 0);
     Run r = wait_run(pid, tmp.io());

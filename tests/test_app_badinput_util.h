@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -138,6 +140,22 @@ inline Run wait_run(pid_t pid, const fs::path& io) {
   r.out = slurp(io / "stdout.txt");
   r.err = slurp(io / "stderr.txt");
   return r;
+}
+
+// Polls `ready` every 2 ms while the spawned run is still going (at most 5 minutes); fails the
+// test if the run ends first. For signalling a run in the middle of its output.
+template <typename Ready>
+bool wait_while_running(pid_t pid, const fs::path& io, Ready ready) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+  while (std::chrono::steady_clock::now() < deadline) {
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid) {
+      FAIL("the run ended before its output was being written: " << slurp(io / "stderr.txt"));
+    }
+    if (ready()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return false;
 }
 
 inline Run run(const std::vector<std::string>& args, const fs::path& io) { return wait_run(spawn(args, io), io); }

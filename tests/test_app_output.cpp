@@ -130,13 +130,7 @@ TEST_CASE("output: SIGTERM while a diffusers folder is written leaves no temp fo
     const auto before = snapshot(tmp.out());
     pid_t pid = spawn(erase_args(model, out), tmp.io());
     // Wait for the hidden temp folder to hold more than 1 MiB, then signal once.
-    bool seen = false;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
-    while (!seen && std::chrono::steady_clock::now() < deadline) {
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) {
-        FAIL("the run ended before its output was being written: " << slurp(tmp.io() / "stderr.txt"));
-      }
+    const bool seen = wait_while_running(pid, tmp.io(), [&] {
       std::error_code ec;
       for (const auto& e : fs::directory_iterator(tmp.out(), ec)) {
         const std::string name = e.path().filename().string();
@@ -145,10 +139,10 @@ TEST_CASE("output: SIGTERM while a diffusers folder is written leaves no temp fo
         for (const auto& f : fs::recursive_directory_iterator(e.path(), ec)) {
           if (f.is_regular_file(ec)) bytes += f.file_size(ec);
         }
-        seen = bytes > (1u << 20);
+        if (bytes > (1u << 20)) return true;
       }
-      if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
+      return false;
+    });
     REQUIRE(seen);
     REQUIRE(::kill(pid, SIGTERM) == 0);
     Run r = wait_run(pid, tmp.io());
