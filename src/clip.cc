@@ -101,7 +101,7 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
     const Block& blk = *m.encoder->layers->blocks[l];
     const Attention& a = *blk.self_attn;
     at::Tensor h = at::layer_norm(x, {W}, blk.layer_norm1->weight, blk.layer_norm1->bias, 1e-5);
-    const at::Tensor qkv_all = at::linear(h, a.in_w, a.in_b);  // [M, 3W]
+    const at::Tensor qkv_all = dense(h, a.in_w, a.in_b);  // [M, 3W]
     os.clear();
     for (std::size_t g = 0; g < G; ++g) {
       const std::int64_t B = Bs[g], T = Ts[g];
@@ -120,12 +120,11 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
       at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
       os.push_back(o.permute({0, 2, 1, 3}).reshape({B * T, W}));
     }
-    x.add_(at::linear(os.size() == 1 ? os[0] : at::cat(os, 0), a.out_proj->weight,
-                      a.out_proj->bias));
+    x.add_(dense(os.size() == 1 ? os[0] : at::cat(os, 0), a.out_proj->weight, a.out_proj->bias));
     h = at::layer_norm(x, {W}, blk.layer_norm2->weight, blk.layer_norm2->bias, 1e-5);
-    h = at::linear(h, blk.mlp->fc1->weight, blk.mlp->fc1->bias);
+    h = dense(h, blk.mlp->fc1->weight, blk.mlp->fc1->bias);
     h = quick ? h.mul_(at::sigmoid(h * 1.702)) : at::gelu(h);
-    x.add_(at::linear(h, blk.mlp->fc2->weight, blk.mlp->fc2->bias));
+    x.add_(dense(h, blk.mlp->fc2->weight, blk.mlp->fc2->bias));
   }
   if (m.final_layer_norm) {
     x = at::layer_norm(x, {W}, m.final_layer_norm->weight, m.final_layer_norm->bias, 1e-5);
@@ -184,9 +183,8 @@ std::uint64_t TextEncoder::weights_hash() const {
   }
   first.back() = chunks.size();
   std::vector<std::uint64_t> digests(chunks.size());
-  at::parallel_for(0, static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t c = b; c < e; ++c) digests[c] = hash64(chunks[c].p, chunks[c].n);
-  });
+  run_tasks(chunks.size(), at::get_num_threads(),
+            [&](std::size_t c) { digests[c] = hash64(chunks[c].p, chunks[c].n); });
 
   const TextEncoderInfo& in = impl_->info;
   const std::string config = fmt::format(

@@ -43,30 +43,7 @@ at::Tensor layer_weight(const LayerInput& layer, const Prepared& p) {
 }
 
 void for_each_layer(std::size_t n, int threads, const std::function<void(std::size_t)>& fn) {
-  std::size_t workers = threads > 0 ? static_cast<std::size_t>(threads)
-                                    : static_cast<std::size_t>(std::max(1, at::get_num_threads()));
-  workers = std::min(workers, n);
-  if (workers <= 1) {
-    for (std::size_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::atomic<std::size_t> next{0};
-  std::vector<std::exception_ptr> errors(n);
-  auto work = [&] {
-    for (std::size_t i = next++; i < n; i = next++) {
-      try {
-        fn(i);
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  run_tasks(n, threads > 0 ? threads : std::max(1, at::get_num_threads()), fn);
 }
 
 namespace {

@@ -1,10 +1,14 @@
 // tensor module: safetensors <-> at::Tensor views, widening, bytes for writing, XXH64, fmt.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <catch2/catch.hpp>
 
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "speed/error.h"
 #include "speed/tensor.h"
@@ -155,4 +159,72 @@ TEST_CASE("all_finite: NaN and infinities in every floating dtype, no false alar
   // Finite float64 values whose sum overflows: the exact check decides.
   CHECK(all_finite(at::full({8}, 1e308, at::kDouble)));
   CHECK(all_finite(at::full({2, 3}, 60000.0, at::kHalf)));
+}
+
+TEST_CASE("dense matches at::linear, and its bytes do not depend on the thread count", "[unit]") {
+  struct Threads {  // restores LibTorch's pool size
+    int saved = at::get_num_threads();
+    ~Threads() { set_compute_threads(saved); }
+  } restore;
+  at::manual_seed(7);
+  // Row counts below, at and above the 48-row split alignment, odd tails included.
+  // The last two: CLIP-L-like widths, so that the BLAS's blocking over `in` takes several steps.
+  const std::vector<std::array<std::int64_t, 3>> shapes = {
+      {1, 96, 40},  {5, 96, 40},   {47, 96, 40},   {48, 96, 40},   {49, 96, 40},   {63, 96, 40},
+      {95, 96, 40}, {96, 96, 40},  {97, 96, 40},   {145, 96, 40},  {301, 96, 40},  {468, 96, 40},
+      {301, 800, 333}, {468, 768, 1000}};
+  for (const auto& [M, K, N] : shapes) {
+    INFO("x [" << M << ", " << K << "], w [" << N << ", " << K << "]");
+    const at::Tensor x = at::randn({M, K});
+    const at::Tensor w = at::randn({N, K});
+    const at::Tensor b = at::randn({N});
+    at::Tensor first;
+    for (int threads : {1, 2, 3, 4}) {
+      INFO("threads " << threads);
+      set_compute_threads(threads);
+      const at::Tensor y = dense(x, w, b);
+      REQUIRE(y.sizes() == at::IntArrayRef({M, N}));
+      const at::Tensor ref = at::linear(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
+      const double err = (y.to(at::kDouble) - ref).abs().max().item<double>();
+      const double scale = ref.abs().max().item<double>();
+      INFO("max |dense - float64 linear| " << err << " of max |y| " << scale);
+      CHECK(err <= 1e-5 * scale);
+      if (threads == 1) {
+        first = y;
+      } else {
+        const at::Tensor diff = (y != first).nonzero();
+        INFO(diff.size(0) << " elements differ from --threads 1; first at (row, column) "
+                          << (diff.size(0) ? fmt::format("{}", diff[0]) : std::string("-")));
+        CHECK(bytes_of(y) == bytes_of(first));
+      }
+    }
+  }
+  // Views, other dtypes and shapes fall back to at::linear and still agree.
+  const at::Tensor xt = at::randn({96, 70}).t();  // non-contiguous [70, 96]
+  const at::Tensor w = at::randn({40, 96}), b = at::randn({40});
+  CHECK(at::allclose(dense(xt, w, b), at::linear(xt, w, b), 1e-5, 1e-5));
+  const at::Tensor xd = at::randn({70, 96}, at::kDouble);
+  CHECK(at::equal(dense(xd, w.to(at::kDouble), b.to(at::kDouble)),
+                  at::linear(xd, w.to(at::kDouble), b.to(at::kDouble))));
+}
+
+TEST_CASE("run_tasks runs every index once and rethrows the first error in index order", "[unit]") {
+  for (int threads : {1, 2, 5}) {
+    INFO("threads " << threads);
+    std::vector<std::atomic<int>> hits(37);
+    run_tasks(hits.size(), threads, [&](std::size_t i) { ++hits[i]; });
+    for (auto& h : hits) CHECK(h.load() == 1);
+    run_tasks(0, threads, [&](std::size_t) { FAIL("no task expected"); });
+  }
+  std::vector<std::atomic<int>> hits(9);
+  try {
+    run_tasks(hits.size(), 3, [&](std::size_t i) {
+      ++hits[i];
+      if (i == 4 || i == 7) throw Error(fmt::format("task {}", i));
+    });
+    FAIL("expected an error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()) == "task 4");
+  }
+  for (auto& h : hits) CHECK(h.load() == 1);  // several threads: the others still ran
 }

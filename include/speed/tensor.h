@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -63,8 +64,11 @@ std::string hex64(std::uint64_t h);  // 16 lower-case hex digits
 // ---- threads (build-env.md trap 6) ----
 // CPU cores this process may run on (sched_getaffinity; at least 1).
 int available_cores();
-// Sets LibTorch's intra-op pool and OpenBLAS's own pool (openblas_set_num_threads, looked up with
-// dlsym: absent with another BLAS) to n >= 1.
+// Sets LibTorch's intra-op pool to n >= 1 and OpenBLAS's own pool (openblas_set_num_threads,
+// looked up with dlsym: absent with another BLAS) to 1: parallel work is split by the callers
+// (dense() below, the edit's layers), never by the BLAS. OpenBLAS's idle workers spin with
+// sched_yield for ~0.1 s after every call and would take a core from LibTorch's own threads
+// (measured: ~0.9 s of CPU in a 2 s celebrity-100 run on 2 cores).
 void set_compute_threads(int n);
 // OpenBLAS's pool size, 0 when the BLAS is not OpenBLAS.
 int blas_threads();
@@ -80,6 +84,19 @@ class SerialBlas {
  private:
   int saved_ = 0;
 };
+
+// Runs fn(0) .. fn(n - 1) on up to `threads` threads (the caller's included; std::threads, as
+// the inline at::parallel_for is serial in code not built with -fopenmp), handing out indices in
+// order. On one thread the first error ends the loop; on several, every task runs and the first
+// error in index order is rethrown.
+void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)>& fn);
+
+// x wᵀ + b (at::linear) for float32 x [M, in] on the CPU, by the BLAS's sgemm directly (found
+// with dlsym), the rows split into one block per LibTorch thread (at::get_num_threads()), each
+// block one single-threaded call (see set_compute_threads). Each output element is summed over
+// `in` in an order that does not depend on how the rows are split, so the bytes do not depend on
+// the thread count (tested). Other dtypes or devices, or no sgemm_ symbol: at::linear.
+at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // "[768, 512]" (the message grammar's shape form).
 std::string shape_string(at::IntArrayRef shape);
