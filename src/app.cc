@@ -1,6 +1,7 @@
 // app: the erase pipeline (options -> checkpoint -> concepts -> embed -> edit -> export -> report).
 #include "speed/app.h"
 
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -219,6 +220,11 @@ RunResult run_erase(const EraseRequest& req) {
     }
   }
   sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
+  // The encoder is done: its float32 weights go before the edit allocates, and glibc hands the
+  // freed blocks back (they sit in the main thread's arena, which the edit's workers do not
+  // use): the edit then starts ~0.3 GB lower (docs/performance.md).
+  emb.release_weights();
+  malloc_trim(0);
   std::int64_t hits = emb.cache_hits(), misses = emb.cache_misses();
   log().info("encode: {} prompt(s), cache {} hit(s) / {} miss(es) ({:.2f} s)", units, hits, misses,
              stage_done("encode", sw));

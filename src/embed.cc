@@ -115,6 +115,17 @@ void Embedder::put_vector(std::uint32_t kind, const std::vector<std::int32_t>& k
 }
 
 bool Embedder::weights_loaded() const { return impl_->loaded; }
+
+void Embedder::release_weights() {
+  Impl& m = *impl_;
+  if (!m.loaded) return;
+  for (std::size_t i = 0; i < m.encoders.size(); ++i) {
+    TextEncoderOptions eo{m.options.dtype, m.options.device};
+    eo.weights = false;
+    m.encoders[i] = TextEncoder::load(m.sources[i].first, m.sources[i].second, eo);
+  }
+  m.loaded = false;
+}
 std::int64_t Embedder::cache_hits() const { return impl_->hits; }
 std::int64_t Embedder::cache_misses() const { return impl_->misses; }
 

@@ -61,6 +61,9 @@ class Embedder {
   // Whether the encoder weights were converted for a forward pass (false while every prompt
   // came from the cache).
   bool weights_loaded() const;
+  // Frees the converted encoder weights (~0.3 GB float32 for CLIP-L) once every prompt is
+  // embedded; a later call converts them again. The cache and the hash stay.
+  void release_weights();
 
   // A float64 vector derived from this model's weights (e.g. a weight's DPA direction), cached
   // beside the embeddings under (kind, key): filled and true on a valid entry. put_vector
