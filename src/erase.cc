@@ -229,9 +229,12 @@ void diagnose_factored(const LayerInput& layer, const at::Tensor& W, const at::T
   diagnose_common(layer, W, dW, p, g, dw_r_norms, at::matmul(WL, at::matmul(F, p.k2)));
   // With ΔW = (W Lᵀ) F and l = e* − e: W' e − W e* = ΔW e − W l, so over all target rows
   // [W' e − W e*] = (T Fᵀ − I)(W Lᵀ)ᵀ and [W e − W e*] = −(W Lᵀ)ᵀ: N'×N'×out work, not N'×d×out.
+  // (T Fᵀ)(W Lᵀ)ᵀ = T ΔWᵀ: N'² (d + out) products, or N' d out through ΔW when that is fewer.
   const at::Tensor WLt = WL.t();
-  const at::Tensor TF = at::matmul(p.tm, F.t());
-  const at::Tensor num = at::matmul(TF, WLt) - WLt;
+  const std::int64_t np = p.tm.size(0), d = p.tm.size(1), out = WL.size(0);
+  const at::Tensor num = (np * (d + out) <= d * out ? at::matmul(at::matmul(p.tm, F.t()), WLt)
+                                                    : at::matmul(p.tm, dW.t())) -
+                         WLt;
   g.target_residual_mean =
       residual_mean((num * num).sum(1), (WLt * WLt).sum(1), p.targets.size(0));
 }

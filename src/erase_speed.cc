@@ -367,10 +367,13 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
   const at::Tensor R = p.retain.index_select(0, perm.to(p.device));
 
   // E = W A (I + Ctt)⁻¹ = (W Lᵀ) J with J = T (I + Ctt)⁻¹ / N [N', d] ((I + Ctt) is SPD):
-  // IPF ranks rows by ‖E r‖ = ‖(W Lᵀ)(J r)‖ with RJ = R Jᵀ shared, so no layer forms E.
+  // IPF ranks rows by ‖E r‖ = ‖(W Lᵀ)(J r)‖ with RJ = R Jᵀ shared, so no layer forms E, as long
+  // as N' <= d (n N' out per layer); with more target rows than d (e.g. 1,000 targets) each layer
+  // forms E = (W Lᵀ) J [out, d] and takes R Eᵀ (n d out + out N' d).
   const at::Tensor J = at::linalg_solve(p.eye + p.ctt, p.tm.t()).t() * p.inv_n;
   const bool shared = !o.ipf && o.augment == 0;
-  const at::Tensor RJ = shared ? at::Tensor() : at::matmul(R, J.t());
+  const bool ipf_via_e = p.tm.size(0) > d;
+  const at::Tensor RJ = shared || ipf_via_e ? at::Tensor() : at::matmul(R, J.t());
   NullSpace shared_ns;
   at::Tensor shared_F, shared_RF;
   if (shared) {
@@ -448,7 +451,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
     LayerWork& w = work[i];
     w.W = layer_weight(layers[i], p);
     w.WL = at::matmul(w.W, p.l.t());
-    at::Tensor ER = at::matmul(RJ, w.WL.t());
+    at::Tensor ER = ipf_via_e ? at::matmul(R, at::matmul(w.WL, J).t()) : at::matmul(RJ, w.WL.t());
     if (o.ipf) {
       const at::Tensor norms = ER.norm(2, {1});
       w.kept = (norms > norms.mean()).nonzero().squeeze(1);
@@ -487,7 +490,7 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       w.WL = at::matmul(w.W, p.l.t());
     }
     g.retain_rows = n;
-    at::Tensor F, RF;
+    at::Tensor F, RF;  // RF = R Fᵀ [n, N'], when the retain diagnostics go through the factor
     if (shared) {
       g.kept_rows = g.rows_used = n;
       g.null_dim = shared_ns.dim, g.eig_below = shared_ns.below, g.eig_above = shared_ns.above;
@@ -503,13 +506,15 @@ EditResult edit_speed(const EmbeddingSets& sets, const std::vector<LayerInput>& 
       if (ns.dim == 0 && !o.allow_empty_null_space)
         empty_null_space(layers[i].name, o.threshold, ns.above, false);
       F = ns.dim == 0 ? at::zeros_like(p.tm) : left_factor(p, ns, o, layers[i].name);
-      RF = at::matmul(p.retain, F.t());
+      // ‖ΔW r‖ over the retain rows: (R Fᵀ)(W Lᵀ)ᵀ costs n N' (d + out), R ΔWᵀ costs n d out.
+      if (p.tm.size(0) * (d + w.WL.size(0)) <= d * w.WL.size(0)) RF = at::matmul(p.retain, F.t());
     }
     lr.delta = at::matmul(w.WL, F);
     SPEED_CHECK(all_finite(lr.delta), "layer '{}': the edit is not finite",
                 layers[i].name);
     diagnose_factored(layers[i], w.W, w.WL, F, lr.delta, p, g,
-                      at::matmul(RF, w.WL.t()).norm(2, {1}));
+                      (RF.defined() ? at::matmul(RF, w.WL.t()) : at::matmul(p.retain, lr.delta.t()))
+                          .norm(2, {1}));
     w = LayerWork{};  // free this layer's rows early
   };
 
