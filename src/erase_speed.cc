@@ -212,8 +212,8 @@ namespace {
 // Right singular vector of W for its smallest singular value in the reduced SVD (the last column
 // of V), through the smaller Gram matrix: for out < d, v ∝ Wᵀu with u the last eigenvector of WWᵀ.
 at::Tensor dpa_direction(const at::Tensor& W) {
-  if (W.size(0) >= W.size(1)) return smallest_eigenvector(at::matmul(W.t(), W));
-  at::Tensor v = at::matmul(W.t(), smallest_eigenvector(at::matmul(W, W.t())));
+  if (W.size(0) >= W.size(1)) return smallest_eigenvector(gram(W, true));
+  at::Tensor v = at::matmul(W.t(), smallest_eigenvector(gram(W, false)));
   return (v / v.norm()).contiguous();
 }
 

@@ -37,6 +37,12 @@ GetFn blas_get() {
   static const auto f = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
   return f;
 }
+using DsyrkFn = void (*)(const char*, const char*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, double*, const int*);
+DsyrkFn blas_dsyrk() {
+  static const auto f = reinterpret_cast<DsyrkFn>(dlsym(RTLD_DEFAULT, "dsyrk_"));
+  return f;
+}
 SgemmFn blas_sgemm() {
   static const auto f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
   return f;
@@ -146,6 +152,27 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) 
           &one, o, &N);
   });
   return out;
+}
+
+at::Tensor gram(const at::Tensor& W, bool of_columns) {
+  const DsyrkFn syrk = blas_dsyrk();
+  constexpr auto kMax = static_cast<std::int64_t>(std::numeric_limits<int>::max());
+  if (!syrk || W.dim() != 2 || !W.device().is_cpu() || W.scalar_type() != at::kDouble ||
+      W.numel() > kMax || W.numel() == 0)
+    return of_columns ? at::matmul(W.t(), W) : at::matmul(W, W.t());
+  const at::Tensor A = W.contiguous();
+  // Row-major W [r, c] is column-major Wᵀ [c, r] (lda c): "N" gives Wᵀ W, "T" gives W Wᵀ.
+  const int r = static_cast<int>(A.size(0)), c = static_cast<int>(A.size(1));
+  const int n = of_columns ? c : r, k = of_columns ? r : c;
+  at::Tensor G = at::empty({n, n}, A.options());
+  const double one = 1.0, zero = 0.0;
+  syrk("U", of_columns ? "N" : "T", &n, &k, &one, A.data_ptr<double>(), &c, &zero,
+       G.data_ptr<double>(), &n);
+  // Column-major upper = row-major lower triangle: mirror it into the upper one.
+  double* g = G.data_ptr<double>();
+  for (int i = 0; i < n; ++i)
+    for (int j = i + 1; j < n; ++j) g[static_cast<std::ptrdiff_t>(i) * n + j] = g[static_cast<std::ptrdiff_t>(j) * n + i];
+  return G;
 }
 
 }  // namespace speed

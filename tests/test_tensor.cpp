@@ -228,3 +228,26 @@ TEST_CASE("run_tasks runs every index once and rethrows the first error in index
   }
   for (auto& h : hits) CHECK(h.load() == 1);  // several threads: the others still ran
 }
+
+TEST_CASE("gram is Wᵀ W or W Wᵀ, exactly symmetric", "[unit]") {
+  at::manual_seed(3);
+  for (auto [r, c] : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 1}, {7, 3}, {3, 7}, {130, 65}}) {
+    INFO("W [" << r << ", " << c << "]");
+    const at::Tensor W = at::randn({r, c}, at::kDouble);
+    for (bool cols : {true, false}) {
+      INFO("of columns " << cols);
+      const at::Tensor G = gram(W, cols);
+      const at::Tensor ref = cols ? at::matmul(W.t(), W) : at::matmul(W, W.t());
+      REQUIRE(G.sizes() == ref.sizes());
+      const double err = (G - ref).abs().max().item<double>();
+      INFO("max |gram - matmul| " << err);
+      CHECK(err <= 1e-12 * ref.abs().max().item<double>());
+      CHECK(at::equal(G, G.t()));
+    }
+  }
+  // A transposed view and float32 take the fallback and agree too.
+  const at::Tensor V = at::randn({5, 9}, at::kDouble).t();
+  CHECK(at::allclose(gram(V, true), at::matmul(V.t(), V)));
+  const at::Tensor F = at::randn({6, 4});
+  CHECK(at::allclose(gram(F, false), at::matmul(F, F.t())));
+}

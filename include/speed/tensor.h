@@ -98,6 +98,11 @@ void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)
 // the thread count (tested). Other dtypes or devices, or no sgemm_ symbol: at::linear.
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
+// The Gram matrix of a float64 matrix W [r, c]: Wᵀ W [c, c] when `of_columns`, else W Wᵀ [r, r].
+// On the CPU by the BLAS's dsyrk (one triangle: half the products of a matrix product, then
+// mirrored, so the result is exactly symmetric); elsewhere, or without dsyrk_, at::matmul.
+at::Tensor gram(const at::Tensor& W, bool of_columns);
+
 // "[768, 512]" (the message grammar's shape form).
 std::string shape_string(at::IntArrayRef shape);
 
