@@ -40,11 +40,16 @@ GetFn blas_get() {
 using DsyrkFn = void (*)(const char*, const char*, const int*, const int*, const double*,
                          const double*, const int*, const double*, double*, const int*);
 DsyrkFn blas_dsyrk() {
-  static const auto f = reinterpret_cast<DsyrkFn>(dlsym(RTLD_DEFAULT, "dsyrk_"));
+  static const auto f =
+      blas_set() ? reinterpret_cast<DsyrkFn>(dlsym(RTLD_DEFAULT, "dsyrk_")) : nullptr;
   return f;
 }
+// The BLAS routines are called directly only from OpenBLAS, whose pool set_compute_threads keeps
+// at 1 thread: another BLAS (MKL in a pip LibTorch) may thread inside each call, and its results
+// are not promised to be independent of how the rows are split. Then at:: ops are used.
 SgemmFn blas_sgemm() {
-  static const auto f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  static const auto f =
+      blas_set() ? reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_")) : nullptr;
   return f;
 }
 

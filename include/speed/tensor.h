@@ -91,16 +91,16 @@ class SerialBlas {
 // error in index order is rethrown.
 void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)>& fn);
 
-// x wᵀ + b (at::linear) for float32 x [M, in] on the CPU, by the BLAS's sgemm directly (found
+// x wᵀ + b (at::linear) for float32 x [M, in] on the CPU, by OpenBLAS's sgemm directly (found
 // with dlsym), the rows split into one block per LibTorch thread (at::get_num_threads()), each
 // block one single-threaded call (see set_compute_threads). Each output element is summed over
 // `in` in an order that does not depend on how the rows are split, so the bytes do not depend on
-// the thread count (tested). Other dtypes or devices, or no sgemm_ symbol: at::linear.
+// the thread count (tested). Other dtypes or devices, or a BLAS other than OpenBLAS: at::linear.
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The Gram matrix of a float64 matrix W [r, c]: Wᵀ W [c, c] when `of_columns`, else W Wᵀ [r, r].
-// On the CPU by the BLAS's dsyrk (one triangle: half the products of a matrix product, then
-// mirrored, so the result is exactly symmetric); elsewhere, or without dsyrk_, at::matmul.
+// On the CPU by OpenBLAS's dsyrk (one triangle: half the products of a matrix product, then
+// mirrored, so the result is exactly symmetric); elsewhere, or with another BLAS, at::matmul.
 at::Tensor gram(const at::Tensor& W, bool of_columns);
 
 // "[768, 512]" (the message grammar's shape form).
