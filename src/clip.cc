@@ -59,20 +59,24 @@ at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::in
 // the whole call), attention runs per batch. Each row depends only on its own prompt (and the
 // prefix). When `capture` is set (one batch only), records each layer's keys and values.
 std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at::Tensor>& ids_in,
-                            const TextEncoder::Prefix* prefix, TextEncoder::Prefix* capture) {
+                            const std::vector<const TextEncoder::Prefix*>& prefixes,
+                            TextEncoder::Prefix* capture) {
   c10::InferenceMode guard;
   SPEED_CHECK(impl.options.weights, "text encoder '{}' was loaded for validation only (no weights)",
               impl.info.prefix);
   SPEED_CHECK(!capture || ids_in.size() == 1, "prefix capture takes one batch, got {}",
               ids_in.size());
+  SPEED_CHECK(prefixes.empty() || prefixes.size() == ids_in.size(),
+              "{} prefixes for {} id batches", prefixes.size(), ids_in.size());
   const ClipText& m = *impl.model;
-  const std::int64_t P = prefix ? prefix->length : 0;
+  auto prefix_of = [&](std::size_t g) { return prefixes.empty() ? nullptr : prefixes[g]; };
   const std::int64_t W = impl.info.width, H = impl.heads, D = W / H;
   const auto opts = at::TensorOptions().dtype(impl.dtype).device(impl.device);
   const std::size_t G = ids_in.size();
   std::vector<std::int64_t> Bs(G), Ts(G), offs(G + 1, 0);
   std::vector<at::Tensor> xs, masks(G);
   for (std::size_t g = 0; g < G; ++g) {
+    const std::int64_t P = prefix_of(g) ? prefix_of(g)->length : 0;
     const at::Tensor ids = check_ids(ids_in[g], impl.info, P, impl.device);
     Bs[g] = ids.size(0), Ts[g] = ids.size(1);
     offs[g + 1] = offs[g] + Bs[g] * Ts[g];
@@ -112,9 +116,10 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
         capture->keys.push_back(k.contiguous());
         capture->values.push_back(v.contiguous());
       }
-      if (prefix) {
-        k = at::cat({prefix->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
-        v = at::cat({prefix->values[l].expand({B, H, P, D}), v}, 2);
+      if (const TextEncoder::Prefix* pf = prefix_of(g)) {
+        const std::int64_t P = pf->length;
+        k = at::cat({pf->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
+        v = at::cat({pf->values[l].expand({B, H, P, D}), v}, 2);
       }
       at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(masks[g]);  // [B, H, T, S]
       at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
@@ -144,7 +149,7 @@ TextEncoder::Prefix TextEncoder::encode_prefix(const at::Tensor& ids) const {
               ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
   Prefix p;
   const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(0) : ids;
-  p.states = run(*impl_, {ids2}, nullptr, &p)[0];
+  p.states = run(*impl_, {ids2}, {}, &p)[0];
   p.length = ids2.size(1);
   return p;
 }
@@ -155,13 +160,39 @@ at::Tensor TextEncoder::forward(const at::Tensor& ids, const Prefix* prefix) con
 
 std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>& ids,
                                                   const Prefix* prefix) const {
-  if (prefix) {
+  return forward_many(ids, std::vector<const Prefix*>(prefix ? ids.size() : 0, prefix));
+}
+
+std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>& ids,
+                                                  const std::vector<const Prefix*>& prefixes) const {
+  for (const Prefix* prefix : prefixes) {
+    if (!prefix) continue;
     SPEED_CHECK(prefix->keys.size() == static_cast<std::size_t>(impl_->layers_run) &&
                     prefix->values.size() == prefix->keys.size(),
                 "prefix has {} layers, the encoder runs {}", prefix->keys.size(),
                 impl_->layers_run);
+    for (const auto& k : prefix->keys)
+      SPEED_CHECK(k.dim() == 4 && k.size(0) == 1 && k.size(2) == prefix->length,
+                  "prefix keys have shape {}, expected [1, heads, {}, head_dim]",
+                  shape_string(k.sizes()), prefix->length);
   }
-  return run(*impl_, ids, prefix, nullptr);
+  return run(*impl_, ids, prefixes, nullptr);
+}
+
+std::vector<TextEncoder::Prefix> TextEncoder::encode_prefixes(const at::Tensor& ids) const {
+  SPEED_CHECK(ids.defined() && ids.dim() == 2, "prefix ids must be [prefixes, tokens], got {}",
+              ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
+  Prefix all;
+  all.states = run(*impl_, {ids}, {}, &all)[0];
+  std::vector<Prefix> out(static_cast<std::size_t>(ids.size(0)));
+  for (std::int64_t r = 0; r < ids.size(0); ++r) {  // views of row r: no copies
+    Prefix& p = out[static_cast<std::size_t>(r)];
+    p.length = ids.size(1);
+    p.states = all.states.narrow(0, r, 1);
+    for (const auto& k : all.keys) p.keys.push_back(k.narrow(0, r, 1));
+    for (const auto& v : all.values) p.values.push_back(v.narrow(0, r, 1));
+  }
+  return out;
 }
 
 std::uint64_t TextEncoder::weights_hash() const {

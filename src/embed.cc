@@ -162,43 +162,105 @@ at::Tensor Embedder::all_tokens(const std::vector<TokenizedPrompt>& tokens) {
 
 std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& batches, Mode mode,
                                                     std::vector<std::optional<TextEncoder::Prefix>>& sot) {
+  // Last-subject rows of prompts that share their first content token (first names, templates
+  // like "a ..."): causal attention makes the [SOT, t1] rows the same for all of them, so such a
+  // group's [SOT, t1] keys and values are computed once and its prompts run from position 2.
+  // Only groups of kMinGroup or more (a group costs its own small attention batches).
+  constexpr std::size_t kMinGroup = 4;
+  std::map<std::int32_t, std::size_t> group_of;  // first content token -> group index
+  std::vector<std::int32_t> group_tokens;
+  if (mode == LastSubject) {
+    std::map<std::int32_t, std::size_t> count;
+    for (const Batch& batch : batches)
+      if (batch.length >= 3)
+        for (const TokenizedPrompt* t : batch.prompts) ++count[t->ids[1]];
+    for (const auto& [tok, c] : count)
+      if (c >= kMinGroup) group_of.emplace(tok, group_tokens.size()), group_tokens.push_back(tok);
+  }
   std::vector<std::vector<at::Tensor>> parts(batches.size());
   for (std::size_t e = 0; e < encoders.size(); ++e) {
     const TextEncoder& enc = *encoders[e];
     const int pad = enc.info().pad_id;
+    const std::int64_t ew = enc.info().width;
+    std::vector<TextEncoder::Prefix> group_prefix;
+    if (!group_tokens.empty()) {
+      at::Tensor gid = at::empty({static_cast<std::int64_t>(group_tokens.size()), 2}, at::kLong);
+      auto acc = gid.accessor<std::int64_t, 2>();
+      const std::int32_t sot_id = batches.front().prompts.front()->ids[0];
+      for (std::size_t g = 0; g < group_tokens.size(); ++g) {
+        acc[static_cast<std::int64_t>(g)][0] = sot_id;
+        acc[static_cast<std::int64_t>(g)][1] = group_tokens[g];
+      }
+      group_prefix = enc.encode_prefixes(gid);
+    }
+    // One forward input per (batch, group): the ids after the prefix, its prefix, and where
+    // its rows go (batch, rows within the batch).
+    struct Run {
+      std::size_t batch;
+      std::vector<std::int64_t> rows;
+      const TextEncoder::Prefix* prefix;
+      std::int64_t skip;  // ids covered by the prefix
+    };
+    std::vector<Run> runs;
     std::vector<at::Tensor> ids_list;
-    std::vector<std::size_t> run_index;  // batch of each forward input
+    std::vector<const TextEncoder::Prefix*> prefixes;
+    std::vector<at::Tensor> outs_e(batches.size());
     for (std::size_t bi = 0; bi < batches.size(); ++bi) {
       const Batch& batch = batches[bi];
       const auto b = static_cast<std::int64_t>(batch.prompts.size());
       const std::int64_t L = batch.length;
-      at::Tensor ids = at::empty({b, L}, at::kLong);
-      auto acc = ids.accessor<std::int64_t, 2>();
-      for (std::int64_t i = 0; i < b; ++i) {
-        const TokenizedPrompt& t = *batch.prompts[i];
-        // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
-        for (std::int64_t j = 0; j < L; ++j) acc[i][j] = j < t.n ? t.ids[j] : pad;
-      }
       if (mode == LastSubject) {
         // Every prompt starts with SOT: its keys/values are shared by the whole call.
-        if (!sot[e]) sot[e] = enc.encode_prefix(ids[0].narrow(0, 0, 1));
+        if (!sot[e]) sot[e] = enc.encode_prefix(at::tensor({static_cast<std::int64_t>(batch.prompts.front()->ids[0])}, at::kLong));
         if (L == 1) {
-          parts[bi].push_back(sot[e]->states.expand({b, 1, enc.info().width}));
+          outs_e[bi] = sot[e]->states.expand({b, 1, ew});
           continue;
         }
-        ids = ids.narrow(1, 1, L - 1);
       }
-      ids_list.push_back(ids);
-      run_index.push_back(bi);
+      std::map<std::size_t, std::vector<std::int64_t>> members;  // group (or npos) -> rows
+      for (std::int64_t i = 0; i < b; ++i) {
+        const auto it = L >= 3 ? group_of.find(batch.prompts[i]->ids[1]) : group_of.end();
+        members[it == group_of.end() ? std::string::npos : it->second].push_back(i);
+      }
+      for (auto& [g, rows] : members) {
+        Run r{bi, std::move(rows), nullptr, 0};
+        if (mode == LastSubject) {
+          r.prefix = g == std::string::npos ? &*sot[e] : &group_prefix[g];
+          r.skip = r.prefix->length;
+        }
+        const auto n = static_cast<std::int64_t>(r.rows.size());
+        at::Tensor ids = at::empty({n, L - r.skip}, at::kLong);
+        auto acc = ids.accessor<std::int64_t, 2>();
+        for (std::int64_t i = 0; i < n; ++i) {
+          const TokenizedPrompt& t = *batch.prompts[r.rows[static_cast<std::size_t>(i)]];
+          // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
+          for (std::int64_t j = r.skip; j < L; ++j) acc[i][j - r.skip] = j < t.n ? t.ids[j] : pad;
+        }
+        ids_list.push_back(ids);
+        prefixes.push_back(r.prefix);
+        runs.push_back(std::move(r));
+      }
     }
-    if (ids_list.empty()) continue;
-    std::vector<at::Tensor> outs =
-        enc.forward_many(ids_list, mode == LastSubject ? &*sot[e] : nullptr);
-    for (std::size_t r = 0; r < outs.size(); ++r) {
-      const std::size_t bi = run_index[r];
-      const std::int64_t L = batches[bi].length;
-      parts[bi].push_back(mode == AllTokens ? outs[r] : outs[r].narrow(1, L - 2, 1));
+    if (!ids_list.empty()) {
+      const std::vector<at::Tensor> outs = enc.forward_many(ids_list, prefixes);
+      for (std::size_t k = 0; k < runs.size(); ++k) {
+        const Run& r = runs[k];
+        const std::int64_t L = batches[r.batch].length;
+        const at::Tensor o = mode == AllTokens ? outs[k] : outs[k].narrow(1, L - r.skip - 1, 1);
+        if (r.rows.size() == batches[r.batch].prompts.size()) {
+          outs_e[r.batch] = o;  // the whole batch in its own order
+          continue;
+        }
+        if (!outs_e[r.batch].defined()) {
+          outs_e[r.batch] = at::empty({static_cast<std::int64_t>(batches[r.batch].prompts.size()),
+                                       o.size(1), ew},
+                                      o.options());
+        }
+        outs_e[r.batch].index_copy_(0, at::tensor(r.rows, at::kLong).to(o.device()), o);
+      }
     }
+    for (std::size_t bi = 0; bi < batches.size(); ++bi)
+      if (outs_e[bi].defined()) parts[bi].push_back(outs_e[bi]);
   }
   std::vector<at::Tensor> result;
   for (auto& p : parts) {

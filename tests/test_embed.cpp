@@ -135,6 +135,36 @@ TEST_CASE("rows do not depend on batching, length groups or duplicates", "[unit]
   CHECK(emb.last_subject_rows(std::vector<std::string>{}).sizes() == at::IntArrayRef({0, 128}));
 }
 
+TEST_CASE("prompts sharing their first token: the shared [SOT, t1] prefix gives the same rows", "[unit]") {
+  const Checkpoint ck = open_checkpoint(kGolden + "fixture_tiny_f32.safetensors");
+  Embedder emb(ck, kMerges);
+  // Five prompts start with "a" (a group), two with "barack" (too few: no group), "a" alone has
+  // no tail, "dog" is alone; mixed lengths inside the group.
+  const std::vector<std::string> prompts = {
+      "a photo of a cat", "a dog", "barack obama", "a red car on a road", "a", "dog",
+      "a painting in the style of monet", "barack", "a cat", "barack obama"};
+  const auto toks = emb.tokenize(prompts);
+  int group = 0;
+  for (const auto& t : toks) group += t.n >= 4 && t.ids[1] == toks[0].ids[1];
+  REQUIRE(group >= 4);  // the group path is taken
+  const at::Tensor together = emb.last_subject_rows(prompts);
+  auto enc = TextEncoder::load(ck, 0);
+  EmbedOptions one;  // one prompt per call: never grouped
+  one.max_batch_tokens = 1;
+  Embedder emb1(ck, kMerges, one);
+  const at::Tensor separate = emb1.last_subject_rows(prompts);
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    INFO(prompts[i]);
+    const auto r = static_cast<std::int64_t>(i);
+    check_close(together[r], separate[r], 1e-5, "grouped vs one prompt per call");
+    const auto& t = toks[i];
+    at::Tensor ids = at::empty({1, 77}, at::kLong);
+    for (int j = 0; j < 77; ++j) ids[0][j] = t.ids[j];
+    check_close(together[r], enc->forward(ids)[0][t.last_subject()], 2e-5, "vs full 77-token forward");
+  }
+  CHECK(at::equal(together[2], together[9]));
+}
+
 TEST_CASE("embedding cache: miss, hit, corruption detected and recomputed", "[unit]") {
   TempDir tmp;
   const Checkpoint ck = open_checkpoint(kGolden + "fixture_tiny_f32.safetensors");

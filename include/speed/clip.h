@@ -75,6 +75,11 @@ class TextEncoder {
   // forward() on each batch alone (up to float rounding).
   std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& ids,
                                        const Prefix* prefix = nullptr) const;
+  // The same with one prefix (or nullptr) per batch, of any lengths, still in one pass.
+  std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& ids,
+                                       const std::vector<const Prefix*>& prefixes) const;
+  // ids [R, T]: R prefixes of T tokens each in one pass (views into shared storage).
+  std::vector<Prefix> encode_prefixes(const at::Tensor& ids) const;
 
   // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor).
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
