@@ -208,6 +208,15 @@ const std::uint8_t* SafeTensors::data(const TensorInfo& t) const {
   return impl_->base + data_start() + t.begin;
 }
 
+void SafeTensors::release_pages(const TensorInfo& t) const {
+  if (impl_->map == nullptr) return;
+  static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto* p = data(t);
+  const auto b = (reinterpret_cast<std::uintptr_t>(p) + page - 1) / page * page;
+  const auto e = reinterpret_cast<std::uintptr_t>(p + t.nbytes()) / page * page;
+  if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+
 const std::uint8_t* SafeTensors::bytes() const { return impl_->base; }
 
 }  // namespace speed

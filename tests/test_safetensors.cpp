@@ -5,6 +5,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 #include <catch2/catch.hpp>
@@ -185,6 +187,22 @@ TEST_CASE("safetensors: tensor-count limit", "[unit]") {
   }
   h.back() = '}';
   rejects(file(h), "header lists more than 1000000 tensors (limit kMaxTensors)");
+}
+
+TEST_CASE("safetensors: release_pages keeps the bytes, mapped or in memory", "[unit][golden]") {
+  const std::string path = std::string(SPEED_SHARED_DIR) + "/golden/fixture_tiny_f32.safetensors";
+  const auto st = SafeTensors::open(path);
+  const auto& emb = st.at("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight");
+  REQUIRE(emb.nbytes() > 3 * 4096);  // spans whole pages
+  const std::string before(reinterpret_cast<const char*>(st.data(emb)), emb.nbytes());
+  st.release_pages(emb);  // the mapping: pages dropped, read back from the file
+  CHECK(std::string(reinterpret_cast<const char*>(st.data(emb)), emb.nbytes()) == before);
+  std::ifstream in(path, std::ios::binary);
+  const std::string file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto mem = SafeTensors::from_memory(file, "copy");
+  const auto& e2 = mem.at(emb.name);
+  mem.release_pages(e2);  // in memory: a no-op (MADV_DONTNEED would zero anonymous pages)
+  CHECK(std::string(reinterpret_cast<const char*>(mem.data(e2)), e2.nbytes()) == before);
 }
 
 TEST_CASE("safetensors: mmap the golden fixture", "[unit][golden]") {

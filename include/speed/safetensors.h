@@ -79,6 +79,11 @@ class SafeTensors {
 
   // Raw bytes of a tensor (points into the mapping; valid while this object lives).
   const std::uint8_t* data(const TensorInfo& t) const;
+  // Drops the whole pages inside the tensor's bytes from this process (MADV_DONTNEED on the
+  // read-only file mapping: the page cache keeps them, a later read faults them in again, the
+  // bytes never change). For data already copied elsewhere (a converted text encoder). No-op
+  // for from_memory bytes, which MADV_DONTNEED would zero.
+  void release_pages(const TensorInfo& t) const;
   // The whole file's bytes.
   const std::uint8_t* bytes() const;
 
