@@ -36,6 +36,12 @@ struct Embedder::Impl {
   std::vector<std::pair<std::shared_ptr<const SafeTensors>, TextEncoderInfo>> sources;
   bool loaded = false;
   void load_weights();
+  // Options for an encoder whose weights are not converted yet (see load_weights).
+  TextEncoderOptions unloaded_options() const {
+    TextEncoderOptions eo{options.dtype, options.device};
+    eo.weights = false;
+    return eo;
+  }
   const std::string& combined_hash();
   std::unique_ptr<ClipTokenizer> tokenizer;
   EmbedOptions options;
@@ -63,9 +69,7 @@ Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tok
               options.max_batch_tokens);
   impl_->options = options;
   for (std::size_t i = 0; i < ckpt.text_encoders.size(); ++i) {
-    TextEncoderOptions eo{options.dtype, options.device};
-    eo.weights = false;
-    impl_->encoders.push_back(TextEncoder::load(ckpt, i, eo));
+    impl_->encoders.push_back(TextEncoder::load(ckpt, i, impl_->unloaded_options()));
     impl_->sources.emplace_back(ckpt.files[ckpt.text_encoders[i].file].st, ckpt.text_encoders[i]);
     impl_->width += ckpt.text_encoders[i].width;
   }
@@ -128,11 +132,8 @@ bool Embedder::weights_loaded() const { return impl_->loaded; }
 void Embedder::release_weights() {
   Impl& m = *impl_;
   if (!m.loaded) return;
-  for (std::size_t i = 0; i < m.encoders.size(); ++i) {
-    TextEncoderOptions eo{m.options.dtype, m.options.device};
-    eo.weights = false;
-    m.encoders[i] = TextEncoder::load(m.sources[i].first, m.sources[i].second, eo);
-  }
+  for (std::size_t i = 0; i < m.encoders.size(); ++i)
+    m.encoders[i] = TextEncoder::load(m.sources[i].first, m.sources[i].second, m.unloaded_options());
   m.loaded = false;
 }
 std::int64_t Embedder::cache_hits() const { return impl_->hits; }
