@@ -138,13 +138,17 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) 
   const float* wp = wc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // The split depends on M only, never on the thread count: OpenBLAS picks its kernel by the
+  // CPU and by the call's size (on AVX-512 machines, a small-matrix path with another summation
+  // order), so equal blocks are the only way to equal bytes for any --threads. Up to kBlocks
+  // blocks (12 divides evenly over 1, 2, 3, 4 or 6 threads), each one sgemm call.
+  constexpr std::int64_t kBlocks = 12;
   const std::int64_t tiles = (M + kAlign - 1) / kAlign;
-  const std::int64_t blocks = std::max<std::int64_t>(
-      1, std::min<std::int64_t>(std::max(at::get_num_threads(), 1), tiles));
+  const std::int64_t blocks = std::max<std::int64_t>(1, std::min<std::int64_t>(kBlocks, tiles));
   auto start = [&](std::int64_t p) {  // first row of block p
     return static_cast<int>(std::min<std::int64_t>(M, tiles * p / blocks * kAlign));
   };
-  run_tasks(static_cast<std::size_t>(blocks), static_cast<int>(blocks), [&](std::size_t p) {
+  run_tasks(static_cast<std::size_t>(blocks), std::max(at::get_num_threads(), 1), [&](std::size_t p) {
     const int r0 = start(static_cast<std::int64_t>(p));
     const int r1 = start(static_cast<std::int64_t>(p) + 1);
     const int rows = r1 - r0;
