@@ -116,10 +116,9 @@ void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)
 
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   // Blocks start at multiples of kAlign rows: the BLAS computes the output in tiles of a few rows
-  // (4 to 16 in OpenBLAS's kernels, 6 or 12 in some) with different kernels for the last partial
-  // tile, so a row's bytes are the same in every split only when the split points are tile
-  // boundaries (48 is a multiple of every tile height in use). Measured: unaligned splits changed
-  // ~1 element in 1e3 by one ulp.
+  // (4 to 16 in OpenBLAS's kernels, 6 or 12 in some), so whole tiles keep every block on the fast
+  // kernels (48 is a multiple of every tile height in use). Alignment alone does not make the bytes
+  // independent of the split (see below); a split fixed by M does.
   constexpr std::int64_t kAlign = 48;
   const SgemmFn sgemm = blas_sgemm();
   constexpr auto kMax = static_cast<std::int64_t>(std::numeric_limits<int>::max());
@@ -148,7 +147,8 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) 
   auto start = [&](std::int64_t p) {  // first row of block p
     return static_cast<int>(std::min<std::int64_t>(M, tiles * p / blocks * kAlign));
   };
-  run_tasks(static_cast<std::size_t>(blocks), std::max(at::get_num_threads(), 1), [&](std::size_t p) {
+  const int threads = std::max(at::get_num_threads(), 1);
+  run_tasks(static_cast<std::size_t>(blocks), threads, [&](std::size_t p) {
     const int r0 = start(static_cast<std::int64_t>(p));
     const int r1 = start(static_cast<std::int64_t>(p) + 1);
     const int rows = r1 - r0;
