@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -329,6 +330,13 @@ RunResult run_erase(const EraseRequest& req) {
   report["concepts"] = concepts_json(set, req.concepts.retain_sources);
   report["device"] = res.device;
   report["threads"] = at::get_num_threads();
+  // libgomp's idle-thread policy, as this process read it (the launcher sets PASSIVE when the
+  // user did not choose one: src/launch/main.cc).
+  if (const char* wp = std::getenv("OMP_WAIT_POLICY")) {
+    report["omp_wait_policy"] = wp;
+  } else {
+    report["omp_wait_policy"] = nullptr;
+  }
   Json ej;
   ej["retain_rows"] = edit.retain_rows;
   ej["retain_is_empty_prompt"] = edit.retain_is_empty_prompt;

@@ -54,9 +54,10 @@ struct Run {
   std::string out, err;
 };
 
-// Runs the binary with `args` (shell-quoted here), capturing stdout and stderr.
-Run run(const std::vector<std::string>& args, const fs::path& tmp) {
-  std::string cmd = quote(SPEED_ERASE_BIN);
+// Runs the binary with `args` (shell-quoted here), capturing stdout and stderr. `env` is a shell
+// prefix such as "env -u OMP_WAIT_POLICY ".
+Run run(const std::vector<std::string>& args, const fs::path& tmp, const std::string& env = "") {
+  std::string cmd = env + quote(SPEED_ERASE_BIN);
   for (const auto& a : args) cmd += " " + quote(a);
   fs::path out = tmp / "stdout.txt", err = tmp / "stderr.txt";
   cmd += " >" + quote(out.string()) + " 2>" + quote(err.string());
@@ -320,6 +321,41 @@ TEST_CASE("erase e2e: diffusers folder gives the single file's edit", "[e2e][gol
   INFO("worst |dW_folder - dW_file| / |dW_file| = " << worst);
   CHECK(worst <= 1e-6);
   CHECK(temp_files(tmp.path) == 0);
+}
+
+TEST_CASE("launcher: libgomp's wait policy is PASSIVE unless the user chose one", "[e2e]") {
+  TempDir tmp;
+  fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", tmp.path);
+  std::vector<std::string> args = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache",
+                                   "-q", "--concept", "Pikachu", "--format", "edited", "--force",
+                                   "--output", (tmp.path / "o.safetensors").string(), "--report", "-"};
+  // ctest exports OMP_WAIT_POLICY=PASSIVE for every test: each case sets or clears it itself.
+  for (const auto& [env, want] : std::vector<std::pair<std::string, Json>>{
+           {"env -u OMP_WAIT_POLICY ", "PASSIVE"}, {"env OMP_WAIT_POLICY=ACTIVE ", "ACTIVE"}}) {
+    Run r = run(args, tmp.path, env);
+    INFO(env << "-> stderr: " << r.err);
+    REQUIRE(r.rc == 0);
+    CHECK(Json::parse(r.out)["omp_wait_policy"] == want);
+  }
+}
+
+TEST_CASE("launcher: a missing or broken CLI module is one error line", "[e2e]") {
+  TempDir tmp;
+  const fs::path not_a_module = tmp.path / "libspeed_cli.so";
+  std::ofstream(not_a_module) << "not an ELF file\n";
+  struct Case {
+    std::string module, expect;
+  };
+  for (const Case& c : {Case{(tmp.path / "absent.so").string(), "was not found (tried '"},
+                        Case{not_a_module.string(), "cannot load the speed-erase CLI module '"}}) {
+    Run r = run({"--version"}, tmp.path, "SPEED_ERASE_CLI_MODULE=" + quote(c.module) + " ");
+    INFO(c.module << " -> rc " << r.rc << ", stderr: " << r.err);
+    CHECK(r.rc == 1);
+    CHECK(r.out.empty());
+    CHECK(r.err.rfind("error: ", 0) == 0);
+    CHECK(r.err.find(c.expect + c.module) != std::string::npos);
+    CHECK(r.err.find("\nhint: ") != std::string::npos);
+  }
 }
 
 TEST_CASE("erase e2e: presets, usage errors, failures leave nothing behind", "[e2e]") {

@@ -1,4 +1,5 @@
-// speed-erase: CLI11 wiring, logging set-up and exit codes; the work is in libspeed.
+// speed-erase's CLI module (libspeed_cli.so, loaded by the launcher in src/launch/): CLI11
+// wiring, logging set-up and exit codes; the work is in libspeed.
 #include <malloc.h>
 #include <unistd.h>
 
@@ -75,7 +76,8 @@ int run_main(int argc, char** argv);
 
 }  // namespace
 
-int main(int argc, char** argv) {
+// The launcher's entry point (src/launch/main.cc): the only symbol the module exports.
+extern "C" __attribute__((visibility("default"))) int speed_cli_main(int argc, char** argv) {
   tune_allocator();
   finish(run_main(argc, argv));
 }
