@@ -76,7 +76,7 @@ int run_main(int argc, char** argv);
 
 }  // namespace
 
-// The launcher's entry point (src/launch/main.cc): the only symbol the module exports.
+// The launcher's entry point (src/launch/main.cc): the one function of ours the module exports.
 extern "C" __attribute__((visibility("default"))) int speed_cli_main(int argc, char** argv) {
   tune_allocator();
   finish(run_main(argc, argv));
