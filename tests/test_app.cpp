@@ -323,37 +323,49 @@ TEST_CASE("erase e2e: diffusers folder gives the single file's edit", "[e2e][gol
   CHECK(temp_files(tmp.path) == 0);
 }
 
-TEST_CASE("launcher: libgomp's wait policy is PASSIVE unless the user chose one", "[e2e]") {
+TEST_CASE("OpenMP: libgomp's wait policy is PASSIVE unless the user chose one", "[e2e]") {
   TempDir tmp;
   fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", tmp.path);
   std::vector<std::string> args = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache",
                                    "-q", "--concept", "Pikachu", "--format", "edited", "--force",
                                    "--output", (tmp.path / "o.safetensors").string(), "--report", "-"};
   // ctest exports OMP_WAIT_POLICY=PASSIVE for every test: each case sets or clears it itself.
-  for (const auto& [env, want] : std::vector<std::pair<std::string, Json>>{
-           {"env -u OMP_WAIT_POLICY ", "PASSIVE"}, {"env OMP_WAIT_POLICY=ACTIVE ", "ACTIVE"}}) {
-    Run r = run(args, tmp.path, env);
-    INFO(env << "-> stderr: " << r.err);
+  // OMP_DISPLAY_ENV=VERBOSE makes libgomp print what it read in its initialiser, which is what
+  // decides whether its idle threads spin: GOMP_SPINCOUNT is 0 for PASSIVE, 300000 when the
+  // policy is unset, 3e10 for ACTIVE (libgomp prints OMP_WAIT_POLICY = 'PASSIVE' for unset too).
+  // The report only shows the variable as main() saw it.
+  struct Case {
+    std::string env, policy, spin;
+  };
+  for (const Case& c : {Case{"env -u OMP_WAIT_POLICY OMP_DISPLAY_ENV=VERBOSE ", "PASSIVE", "0"},
+                        Case{"env OMP_WAIT_POLICY=ACTIVE OMP_DISPLAY_ENV=VERBOSE ", "ACTIVE",
+                             "30000000000"}}) {
+    Run r = run(args, tmp.path, c.env);
+    INFO(c.env << "-> stderr: " << r.err);
     REQUIRE(r.rc == 0);
-    CHECK(Json::parse(r.out)["omp_wait_policy"] == want);
+    CHECK(r.err.find("OPENMP DISPLAY ENVIRONMENT BEGIN") != std::string::npos);
+    CHECK(r.err.find("OMP_WAIT_POLICY = '" + c.policy + "'") != std::string::npos);
+    CHECK(r.err.find("GOMP_SPINCOUNT = '" + c.spin + "'") != std::string::npos);
+    CHECK(Json::parse(r.out)["omp_wait_policy"] == c.policy);
   }
 }
 
-TEST_CASE("launcher: a missing or broken CLI module is one error line", "[e2e]") {
+TEST_CASE("launcher: a missing or broken speed-erase-cli is one error line", "[e2e]") {
   TempDir tmp;
-  const fs::path not_a_module = tmp.path / "libspeed_cli.so";
-  std::ofstream(not_a_module) << "not an ELF file\n";
+  const fs::path not_a_program = tmp.path / "speed-erase-cli";
+  std::ofstream(not_a_program) << "not an ELF file\n";
+  fs::permissions(not_a_program, fs::perms::owner_all);  // executable, but not a program
   struct Case {
-    std::string module, expect;
+    std::string program, expect;
   };
-  for (const Case& c : {Case{(tmp.path / "absent.so").string(), "was not found (tried '"},
-                        Case{not_a_module.string(), "cannot load the speed-erase CLI module '"}}) {
-    Run r = run({"--version"}, tmp.path, "SPEED_ERASE_CLI_MODULE=" + quote(c.module) + " ");
-    INFO(c.module << " -> rc " << r.rc << ", stderr: " << r.err);
+  for (const Case& c : {Case{(tmp.path / "absent").string(), "was not found (tried '"},
+                        Case{not_a_program.string(), "cannot execute the speed-erase program '"}}) {
+    Run r = run({"--version"}, tmp.path, "SPEED_ERASE_CLI=" + quote(c.program) + " ");
+    INFO(c.program << " -> rc " << r.rc << ", stderr: " << r.err);
     CHECK(r.rc == 1);
     CHECK(r.out.empty());
     CHECK(r.err.rfind("error: ", 0) == 0);
-    CHECK(r.err.find(c.expect + c.module) != std::string::npos);
+    CHECK(r.err.find(c.expect + c.program) != std::string::npos);
     CHECK(r.err.find("\nhint: ") != std::string::npos);
   }
 }

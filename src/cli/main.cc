@@ -1,4 +1,4 @@
-// speed-erase's CLI module (libspeed_cli.so, loaded by the launcher in src/launch/): CLI11
+// speed-erase-cli, the program the speed-erase launcher (src/launch/main.cc) executes: CLI11
 // wiring, logging set-up and exit codes; the work is in libspeed.
 #include <malloc.h>
 #include <unistd.h>
@@ -76,8 +76,7 @@ int run_main(int argc, char** argv);
 
 }  // namespace
 
-// The launcher's entry point (src/launch/main.cc): the one function of ours the module exports.
-extern "C" __attribute__((visibility("default"))) int speed_cli_main(int argc, char** argv) {
+int main(int argc, char** argv) {
   tune_allocator();
   finish(run_main(argc, argv));
 }

@@ -1,19 +1,25 @@
-// speed-erase launcher: a small executable, free of LibTorch, that loads the CLI module
-// (libspeed_cli.so: the subcommands, libspeed and LibTorch) and runs it.
+// speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy
+// and then executes the real program, speed-erase-cli (the subcommands, libspeed and LibTorch).
 //
 // Why a separate executable: libgomp, which LibTorch's CPU kernels use, reads OMP_WAIT_POLICY
-// once, when it is loaded. Linked into the executable it is loaded before main() runs, so the
-// program could not choose the policy for itself. With the variable unset, libgomp's idle
+// once, in its initialiser. Linked into the executable it is initialised before main() runs, and
+// glibc points `environ` at the original block only after the executable's .preinit_array, so
+// the program cannot choose the policy for itself. With the variable unset, libgomp's idle
 // threads spin, and on a 2-core machine they take CPU from the encoder and the edit (about
 // 0.4-0.5 s of CPU on a cold celebrity-100 run; docs/performance.md). The launcher sets
-// OMP_WAIT_POLICY=PASSIVE unless the user set it, and only then loads the module.
-#include <dlfcn.h>
+// OMP_WAIT_POLICY=PASSIVE unless the user set it, then replaces itself with speed-erase-cli
+// (execv: same process id, arguments, standard streams and exit status; ~1 ms). Executing
+// speed-erase-cli itself again instead would map and relocate LibTorch twice (+0.27 s measured);
+// loading it as a module with dlopen made LeakSanitizer's exit-time scan crash on the modules'
+// dynamic TLS in sanitizer builds.
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,22 +39,23 @@ std::string exe_dir() {
   return slash == std::string::npos ? std::string() : path.substr(0, slash);
 }
 
-// $SPEED_ERASE_CLI_MODULE, else beside the executable (build tree), else the install location.
+// $SPEED_ERASE_CLI, else beside the launcher (build tree), else the install location (relative
+// to the launcher, then the configured prefix).
 std::vector<std::string> candidates() {
-  if (const char* env = std::getenv("SPEED_ERASE_CLI_MODULE"); env && *env) return {env};
+  if (const char* env = std::getenv("SPEED_ERASE_CLI"); env && *env) return {env};
   std::vector<std::string> c;
   const std::string dir = exe_dir();
-  if (!dir.empty()) c.push_back(dir + "/libspeed_cli.so");
+  if (!dir.empty()) c.push_back(dir + "/speed-erase-cli");
+  if (!dir.empty()) c.push_back(dir + "/../lib/speed-erase/speed-erase-cli");
 #ifdef SPEED_CLI_INSTALL_PATH
   c.emplace_back(SPEED_CLI_INSTALL_PATH);
 #endif
-  if (!dir.empty()) c.push_back(dir + "/../lib/speed-erase/libspeed_cli.so");
   return c;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int /*argc*/, char** argv) {
   // Overwrite = 0: a policy the user chose is kept (and libgomp's GOMP_SPINCOUNT, if set, still
   // takes precedence over the policy).
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
@@ -59,25 +66,15 @@ int main(int argc, char** argv) {
       tried += (tried.empty() ? "'" : ", '") + path + "'";
       continue;
     }
-    void* lib = ::dlopen(path.c_str(), RTLD_LAZY | RTLD_LOCAL);
-    if (lib == nullptr) {
-      const char* why = ::dlerror();
-      std::fprintf(stderr, "error: cannot load the speed-erase CLI module '%s': %s\n", path.c_str(),
-                   why ? why : "unknown dlopen error");
-      std::fprintf(stderr, "hint: reinstall speed-erase, or rebuild it (scripts/setup.sh)\n");
-      return 1;
-    }
-    using Main = int (*)(int, char**);
-    auto run = reinterpret_cast<Main>(::dlsym(lib, "speed_cli_main"));
-    if (run == nullptr) {
-      std::fprintf(stderr, "error: '%s' is not a speed-erase CLI module (no speed_cli_main)\n",
-                   path.c_str());
-      return 1;
-    }
-    return run(argc, argv);
+    ::execv(path.c_str(), argv);  // returns only on failure
+    const int err = errno;
+    std::fprintf(stderr, "error: cannot execute the speed-erase program '%s': %s\n", path.c_str(),
+                 std::strerror(err));
+    std::fprintf(stderr, "hint: reinstall speed-erase, or rebuild it (scripts/setup.sh)\n");
+    return 1;
   }
-  std::fprintf(stderr, "error: the speed-erase CLI module libspeed_cli.so was not found (tried %s)\n",
+  std::fprintf(stderr, "error: the speed-erase program speed-erase-cli was not found (tried %s)\n",
                tried.c_str());
-  std::fprintf(stderr, "hint: reinstall speed-erase, or set $SPEED_ERASE_CLI_MODULE to its path\n");
+  std::fprintf(stderr, "hint: reinstall speed-erase, or set $SPEED_ERASE_CLI to its path\n");
   return 1;
 }
