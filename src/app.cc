@@ -337,6 +337,12 @@ RunResult run_erase(const EraseRequest& req) {
   } else {
     report["omp_wait_policy"] = nullptr;
   }
+  // glibc's malloc tunables (the launcher adds glibc.malloc.hugetlb=1: src/launch/main.cc).
+  if (const char* gt = std::getenv("GLIBC_TUNABLES")) {
+    report["glibc_tunables"] = gt;
+  } else {
+    report["glibc_tunables"] = nullptr;
+  }
   Json ej;
   ej["retain_rows"] = edit.retain_rows;
   ej["retain_is_empty_prompt"] = edit.retain_is_empty_prompt;

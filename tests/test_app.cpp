@@ -350,6 +350,29 @@ TEST_CASE("OpenMP: libgomp's wait policy is PASSIVE unless the user chose one", 
   }
 }
 
+TEST_CASE("launcher: glibc.malloc.hugetlb=1 is added to GLIBC_TUNABLES unless the user named it",
+          "[e2e]") {
+  TempDir tmp;
+  fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", tmp.path);
+  std::vector<std::string> args = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache",
+                                   "-q", "--concept", "Pikachu", "--format", "edited", "--force",
+                                   "--output", (tmp.path / "o.safetensors").string(), "--report", "-"};
+  struct Case {
+    std::string env, want;
+  };
+  for (const Case& c :
+       {Case{"env -u GLIBC_TUNABLES ", "glibc.malloc.hugetlb=1"},
+        Case{"env GLIBC_TUNABLES= ", "glibc.malloc.hugetlb=1"},
+        Case{"env GLIBC_TUNABLES=glibc.malloc.arena_max=2 ",
+             "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"},
+        Case{"env GLIBC_TUNABLES=glibc.malloc.hugetlb=0 ", "glibc.malloc.hugetlb=0"}}) {
+    Run r = run(args, tmp.path, c.env);
+    INFO(c.env << "-> stderr: " << r.err);
+    REQUIRE(r.rc == 0);
+    CHECK(Json::parse(r.out)["glibc_tunables"] == c.want);
+  }
+}
+
 TEST_CASE("launcher: a missing or broken speed-erase-cli is one error line", "[e2e]") {
   TempDir tmp;
   const fs::path not_a_program = tmp.path / "speed-erase-cli";

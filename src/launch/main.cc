@@ -1,5 +1,7 @@
 // speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy
-// and then executes the real program, speed-erase-cli (the subcommands, libspeed and LibTorch).
+// and glibc's malloc tunables, then executes the real program, speed-erase-cli (the
+// subcommands, libspeed and LibTorch). Both settings are read once, when the program starts, so
+// only a process that runs before it can choose them for its users.
 //
 // Why a separate executable: libgomp, which LibTorch's CPU kernels use, reads OMP_WAIT_POLICY
 // once, in its initialiser. Linked into the executable it is initialised before main() runs, and
@@ -12,6 +14,15 @@
 // speed-erase-cli itself again instead would map and relocate LibTorch twice (+0.27 s measured);
 // loading it as a module with dlopen made LeakSanitizer's exit-time scan crash on the modules'
 // dynamic TLS in sanitizer builds.
+//
+// glibc.malloc.hugetlb=1 (glibc >= 2.35; older versions ignore it) makes malloc ask for
+// transparent huge pages (madvise MADV_HUGEPAGE) on its heap and its mmap'd blocks, for kernels
+// whose THP mode is "madvise" (Debian's and this project's machines). A cold celebrity-100 run
+// converts the text encoder to ~490 MB of float32 and builds its activations in fresh memory:
+// with 4 KiB pages that was ~157,000 page faults, 1.2-1.6 s of system time. With huge pages it
+// is ~13,000 faults, and the run is 0.5-1.0 s shorter, with the same output bytes
+// (docs/performance.md, sixth session). A GLIBC_TUNABLES the user set is kept; the tunable is
+// appended unless it already names glibc.malloc.hugetlb.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -53,12 +64,24 @@ std::vector<std::string> candidates() {
   return c;
 }
 
+void default_malloc_tunables() {
+  static constexpr char kHugetlb[] = "glibc.malloc.hugetlb";
+  const char* current = std::getenv("GLIBC_TUNABLES");
+  if (current == nullptr || *current == '\0') {
+    ::setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", 1);
+    return;
+  }
+  if (std::strstr(current, kHugetlb) != nullptr) return;  // the user's choice
+  ::setenv("GLIBC_TUNABLES", (std::string(current) + ":" + kHugetlb + "=1").c_str(), 1);
+}
+
 }  // namespace
 
 int main(int /*argc*/, char** argv) {
   // Overwrite = 0: a policy the user chose is kept (and libgomp's GOMP_SPINCOUNT, if set, still
   // takes precedence over the policy).
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
+  default_malloc_tunables();
 
   std::string tried;
   for (const std::string& path : candidates()) {
