@@ -323,12 +323,22 @@ TEST_CASE("erase e2e: diffusers folder gives the single file's edit", "[e2e][gol
   CHECK(temp_files(tmp.path) == 0);
 }
 
+namespace {
+
+// A small edit of a copy of the tiny fixture in `dir` whose report goes to stdout: what the
+// launcher tests run to see the environment speed-erase-cli was started with.
+std::vector<std::string> report_only_run(const fs::path& dir) {
+  const fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", dir);
+  return {"--model",  model.string(), "--tokenizer", kMerges, "--no-cache", "-q",
+          "--concept", "Pikachu", "--format", "edited", "--force",
+          "--output", (dir / "o.safetensors").string(), "--report", "-"};
+}
+
+}  // namespace
+
 TEST_CASE("OpenMP: libgomp's wait policy is PASSIVE unless the user chose one", "[e2e]") {
   TempDir tmp;
-  fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", tmp.path);
-  std::vector<std::string> args = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache",
-                                   "-q", "--concept", "Pikachu", "--format", "edited", "--force",
-                                   "--output", (tmp.path / "o.safetensors").string(), "--report", "-"};
+  const std::vector<std::string> args = report_only_run(tmp.path);
   // ctest exports OMP_WAIT_POLICY=PASSIVE for every test: each case sets or clears it itself.
   // OMP_DISPLAY_ENV=VERBOSE makes libgomp print what it read in its initialiser, which is what
   // decides whether its idle threads spin: GOMP_SPINCOUNT is 0 for PASSIVE, 300000 when the
@@ -353,10 +363,7 @@ TEST_CASE("OpenMP: libgomp's wait policy is PASSIVE unless the user chose one", 
 TEST_CASE("launcher: glibc.malloc.hugetlb=1 is added to GLIBC_TUNABLES unless the user named it",
           "[e2e]") {
   TempDir tmp;
-  fs::path model = copy_fixture(kGolden / "fixture_tiny_f32.safetensors", tmp.path);
-  std::vector<std::string> args = {"--model", model.string(), "--tokenizer", kMerges, "--no-cache",
-                                   "-q", "--concept", "Pikachu", "--format", "edited", "--force",
-                                   "--output", (tmp.path / "o.safetensors").string(), "--report", "-"};
+  const std::vector<std::string> args = report_only_run(tmp.path);
   struct Case {
     std::string env, want;
   };
