@@ -9,7 +9,6 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -330,19 +329,10 @@ RunResult run_erase(const EraseRequest& req) {
   report["concepts"] = concepts_json(set, req.concepts.retain_sources);
   report["device"] = res.device;
   report["threads"] = at::get_num_threads();
-  // libgomp's idle-thread policy, as this process read it (the launcher sets PASSIVE when the
-  // user did not choose one: src/launch/main.cc).
-  if (const char* wp = std::getenv("OMP_WAIT_POLICY")) {
-    report["omp_wait_policy"] = wp;
-  } else {
-    report["omp_wait_policy"] = nullptr;
-  }
-  // glibc's malloc tunables (the launcher adds glibc.malloc.hugetlb=1: src/launch/main.cc).
-  if (const char* gt = std::getenv("GLIBC_TUNABLES")) {
-    report["glibc_tunables"] = gt;
-  } else {
-    report["glibc_tunables"] = nullptr;
-  }
+  // libgomp's idle-thread policy and glibc's malloc tunables, as this process read them (the
+  // launcher sets PASSIVE and adds glibc.malloc.hugetlb=1 unless the user chose: src/launch/).
+  report["omp_wait_policy"] = env_or_null("OMP_WAIT_POLICY");
+  report["glibc_tunables"] = env_or_null("GLIBC_TUNABLES");
   Json ej;
   ej["retain_rows"] = edit.retain_rows;
   ej["retain_is_empty_prompt"] = edit.retain_is_empty_prompt;

@@ -1,5 +1,6 @@
 // app: the report JSON (SPEC §4) and the input fingerprint.
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 
 #include "speed/report.h"
@@ -29,6 +30,11 @@ InputFingerprint fingerprint_checkpoint(const Checkpoint& ckpt) {
 }
 
 Json number_or_null(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
+
+Json env_or_null(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr ? Json(value) : Json(nullptr);
+}
 
 Json input_json(const Checkpoint& ckpt, const InputFingerprint& fp) {
   Json j;

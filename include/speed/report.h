@@ -40,6 +40,9 @@ nlohmann::ordered_json layer_json(const LayerDiagnostics& d, const std::string& 
 // A double for JSON: NaN/Inf -> null.
 nlohmann::ordered_json number_or_null(double v);
 
+// An environment variable as this process sees it: its value, or null when it is unset.
+nlohmann::ordered_json env_or_null(const char* name);
+
 // The keys of a full report that are left out of the copy embedded in the outputs.
 const std::vector<std::string>& volatile_report_keys();
 // The report without volatile keys, compact (one line), for __metadata__.
