@@ -23,6 +23,7 @@ const TextEncoderInfo& TextEncoder::info() const { return impl_->info; }
 at::ScalarType TextEncoder::dtype() const { return impl_->dtype; }
 at::Device TextEncoder::device() const { return impl_->device; }
 int TextEncoder::layers_run() const { return impl_->layers_run; }
+bool TextEncoder::widens_per_layer() const { return impl_->widen; }
 
 std::vector<std::pair<std::string, at::Tensor>> TextEncoder::named_parameters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
@@ -100,12 +101,28 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const bool quick = impl.info.activation == Activation::QuickGELU;
 
+  // impl.widen: each weight matrix is widened into a buffer of its shape just before use; the
+  // four buffers serve every layer (a stored float32 matrix is used in place).
+  std::vector<at::Tensor> buffers(4);
+  auto weight = [&](std::size_t slot, const std::vector<at::Tensor>& parts) {
+    if (parts.size() == 1 && parts[0].scalar_type() == impl.dtype && parts[0].is_contiguous())
+      return parts[0];
+    std::int64_t rows = 0;
+    for (const at::Tensor& p : parts) rows += p.size(0);
+    at::Tensor& buf = buffers[slot];
+    if (!buf.defined()) buf = at::empty({rows, parts[0].size(1)}, opts);
+    std::int64_t r = 0;
+    for (const at::Tensor& p : parts) widen_into(p, buf.narrow(0, r, p.size(0))), r += p.size(0);
+    return buf;
+  };
+
   std::vector<at::Tensor> os;
   for (int l = 0; l < impl.layers_run; ++l) {
     const Block& blk = *m.encoder->layers->blocks[l];
     const Attention& a = *blk.self_attn;
+    const Mlp& mlp = *blk.mlp;
     at::Tensor h = at::layer_norm(x, {W}, blk.layer_norm1->weight, blk.layer_norm1->bias, 1e-5);
-    const at::Tensor qkv_all = dense(h, a.in_w, a.in_b);  // [M, 3W]
+    const at::Tensor qkv_all = dense(h, impl.widen ? weight(0, a.in_src) : a.in_w, a.in_b);  // [M, 3W]
     os.clear();
     for (std::size_t g = 0; g < G; ++g) {
       const std::int64_t B = Bs[g], T = Ts[g];
@@ -125,11 +142,15 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
       at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
       os.push_back(o.permute({0, 2, 1, 3}).reshape({B * T, W}));
     }
-    x.add_(dense(os.size() == 1 ? os[0] : at::cat(os, 0), a.out_proj->weight, a.out_proj->bias));
+    auto matrix = [&](std::size_t slot, const at::Tensor& w) {
+      return impl.widen ? weight(slot, {w}) : w;
+    };
+    x.add_(dense(os.size() == 1 ? os[0] : at::cat(os, 0), matrix(1, a.out_proj->weight),
+                 a.out_proj->bias));
     h = at::layer_norm(x, {W}, blk.layer_norm2->weight, blk.layer_norm2->bias, 1e-5);
-    h = dense(h, blk.mlp->fc1->weight, blk.mlp->fc1->bias);
+    h = dense(h, matrix(2, mlp.fc1->weight), mlp.fc1->bias);
     h = quick ? h.mul_(at::sigmoid(h * 1.702)) : at::gelu(h);
-    x.add_(dense(h, blk.mlp->fc2->weight, blk.mlp->fc2->bias));
+    x.add_(dense(h, matrix(3, mlp.fc2->weight), mlp.fc2->bias));
   }
   if (m.final_layer_norm) {
     x = at::layer_norm(x, {W}, m.final_layer_norm->weight, m.final_layer_norm->bias, 1e-5);

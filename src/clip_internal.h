@@ -22,8 +22,11 @@ struct Params : torch::nn::Module {
 
 // q/k/v are registered as row views of one fused [3W, W] tensor: one GEMM instead of three,
 // while named_parameters() still shows the HF names.
+// With per-layer widening (TextEncoder::Impl::widen), in_w is undefined and in_src holds the
+// stored q, k, v rows (one [3W, W] tensor or three [W, W]) that forward() widens into a buffer.
 struct Attention : torch::nn::Module {
   at::Tensor in_w, in_b;  // fused q, k, v
+  std::vector<at::Tensor> in_src;
   std::shared_ptr<Params> q_proj, k_proj, v_proj, out_proj;
 };
 
@@ -76,6 +79,11 @@ struct TextEncoder::Impl {
   at::Device device = at::kCPU;
   int layers_run = 0;
   std::int64_t heads = 0;
+  // CPU float32 forward: the four weight matrices of each block stay in their stored dtype (views
+  // over the mapping) and are widened per layer into one reused buffer during the forward. A
+  // fresh float32 copy of CLIP-L's ~85M block weights is ~340 MB of new memory, and new memory
+  // costs the kernel more than the conversion (docs/performance.md, "Seventh session").
+  bool widen = false;
   std::shared_ptr<clip_detail::ClipText> model;
   std::shared_ptr<const SafeTensors> file;    // keeps mapped views alive
   std::vector<at::Tensor> stored;             // keeps in-memory sources alive (from_tensors)

@@ -72,6 +72,10 @@ class Loader {
     at::Tensor t = take(rel, std::move(expected));
     return impl_.options.weights ? t.to(impl_.device, impl_.dtype) : t;
   }
+  // A block's weight matrix: stored as it is when the forward widens it per layer.
+  at::Tensor matrix(const std::string& rel, std::vector<std::int64_t> expected) {
+    return impl_.widen ? take(rel, std::move(expected)) : compute(rel, std::move(expected));
+  }
 
   // Every tensor under the prefix must have been used or be one that SD ignores.
   template <typename Allowed>
@@ -127,6 +131,7 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
   impl->layers_run = info.output_layer < 0 ? static_cast<int>(info.layers) : info.output_layer;
   validate_config(info, impl->layers_run);
   impl->heads = info.heads;
+  impl->widen = options.weights && impl->device.is_cpu() && impl->dtype == at::kFloat;
 
   const std::int64_t W = info.width, M = info.mlp;
   const bool hf = info.naming == TextNaming::HF;
@@ -163,22 +168,37 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
       attn->in_w = at::zeros({1, 1}, at::TensorOptions().dtype(impl->dtype)).expand({3 * W, W});
       attn->in_b = at::zeros({1}, at::TensorOptions().dtype(impl->dtype)).expand({3 * W});
     } else if (hf) {
-      attn->in_w = at::empty({3 * W, W}, opts);
+      if (!impl->widen) attn->in_w = at::empty({3 * W, W}, opts);
       attn->in_b = at::empty({3 * W}, opts);
       const char* names[3] = {"q_proj", "k_proj", "v_proj"};
       for (int j = 0; j < 3; ++j) {
-        attn->in_w.narrow(0, j * W, W).copy_(L.take(p + "self_attn." + names[j] + ".weight", {W, W}));
+        at::Tensor w = L.take(p + "self_attn." + names[j] + ".weight", {W, W});
+        if (impl->widen) {
+          attn->in_src.push_back(w);
+        } else {
+          attn->in_w.narrow(0, j * W, W).copy_(w);
+        }
         attn->in_b.narrow(0, j * W, W).copy_(L.take(p + "self_attn." + names[j] + ".bias", {W}));
       }
     } else {
-      attn->in_w = L.compute(p + "attn.in_proj_weight", {3 * W, W}).contiguous();
+      at::Tensor w = L.matrix(p + "attn.in_proj_weight", {3 * W, W});
+      if (impl->widen) {
+        attn->in_src.push_back(w);
+      } else {
+        attn->in_w = w.contiguous();
+      }
       attn->in_b = L.compute(p + "attn.in_proj_bias", {3 * W}).contiguous();
     }
-    attn->q_proj = leaf(*attn, "q_proj", attn->in_w.narrow(0, 0, W), attn->in_b.narrow(0, 0, W));
-    attn->k_proj = leaf(*attn, "k_proj", attn->in_w.narrow(0, W, W), attn->in_b.narrow(0, W, W));
-    attn->v_proj = leaf(*attn, "v_proj", attn->in_w.narrow(0, 2 * W, W), attn->in_b.narrow(0, 2 * W, W));
+    // The leaves show the stored q, k, v rows when the forward widens them per layer.
+    auto rows = [&](int j) {
+      if (!impl->widen) return attn->in_w.narrow(0, j * W, W);
+      return attn->in_src.size() == 3 ? attn->in_src[j] : attn->in_src[0].narrow(0, j * W, W);
+    };
+    attn->q_proj = leaf(*attn, "q_proj", rows(0), attn->in_b.narrow(0, 0, W));
+    attn->k_proj = leaf(*attn, "k_proj", rows(1), attn->in_b.narrow(0, W, W));
+    attn->v_proj = leaf(*attn, "v_proj", rows(2), attn->in_b.narrow(0, 2 * W, W));
     const std::string op = p + (hf ? "self_attn.out_proj." : "attn.out_proj.");
-    attn->out_proj = leaf(*attn, "out_proj", L.compute(op + "weight", {W, W}), L.compute(op + "bias", {W}));
+    attn->out_proj = leaf(*attn, "out_proj", L.matrix(op + "weight", {W, W}), L.compute(op + "bias", {W}));
     blk->self_attn = blk->register_module("self_attn", attn);
     const std::string ln1 = p + (hf ? "layer_norm1." : "ln_1.");
     const std::string ln2 = p + (hf ? "layer_norm2." : "ln_2.");
@@ -187,8 +207,8 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
     auto mlp = std::make_shared<Mlp>();
     const std::string f1 = p + (hf ? "mlp.fc1." : "mlp.c_fc.");
     const std::string f2 = p + (hf ? "mlp.fc2." : "mlp.c_proj.");
-    mlp->fc1 = leaf(*mlp, "fc1", L.compute(f1 + "weight", {M, W}), L.compute(f1 + "bias", {M}));
-    mlp->fc2 = leaf(*mlp, "fc2", L.compute(f2 + "weight", {W, M}), L.compute(f2 + "bias", {W}));
+    mlp->fc1 = leaf(*mlp, "fc1", L.matrix(f1 + "weight", {M, W}), L.compute(f1 + "bias", {M}));
+    mlp->fc2 = leaf(*mlp, "fc2", L.matrix(f2 + "weight", {W, M}), L.compute(f2 + "bias", {W}));
     blk->mlp = blk->register_module("mlp", mlp);
     blk->layer_norm2 =
         leaf(*blk, "layer_norm2", L.compute(ln2 + "weight", {W}), L.compute(ln2 + "bias", {W}));

@@ -91,7 +91,9 @@ void Embedder::Impl::load_weights() {
                                     {options.dtype, options.device});
     // The stored bytes of every converted tensor are no longer read (~246 MB of fp16 for CLIP-L;
     // the token table, gathered in its stored dtype, faults back in only the rows it uses).
-    // Tensors already in the compute dtype are used in place and stay.
+    // Tensors already in the compute dtype are used in place and stay, and so does everything
+    // when the forward widens the weights per layer from the stored bytes (on the CPU).
+    if (encoders[i]->widens_per_layer()) continue;
     const SafeTensors& st = *sources[i].first;
     for (const TensorInfo& t : st.tensors()) {
       const auto dt = try_scalar_type(t.dtype);

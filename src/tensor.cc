@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "speed/error.h"
 
 namespace speed {
@@ -120,6 +124,54 @@ at::Tensor load_tensor(std::shared_ptr<const SafeTensors> st, const TensorInfo& 
               st->path(), dtype_name(info.dtype));
   // The unowned view lives only for the conversion, which reads the mapping directly.
   return tensor_view_unowned(*st, info).to(dtype);
+}
+
+namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const std::uint16_t* s, float* d,
+                                                            std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  }
+  for (; i < n; ++i) d[i] = _cvtsh_ss(s[i]);
+}
+bool have_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#else
+void half_to_float_f16c(const std::uint16_t*, float*, std::size_t) {}
+bool have_f16c() { return false; }
+#endif
+
+}  // namespace
+
+void widen_into(const at::Tensor& src, const at::Tensor& dst) {
+  SPEED_CHECK(src.defined() && dst.defined() && src.numel() == dst.numel(),
+              "widen_into: {} elements into {}", src.defined() ? src.numel() : 0,
+              dst.defined() ? dst.numel() : 0);
+  SPEED_CHECK(dst.is_contiguous() && dst.scalar_type() == at::kFloat && dst.device().is_cpu() &&
+                  src.device().is_cpu() && at::isFloatingType(src.scalar_type()),
+              "widen_into: {} on {} into {} on {}", src.scalar_type(), src.device().str(),
+              dst.scalar_type(), dst.device().str());
+  if (!src.is_contiguous() || (src.scalar_type() != at::kHalf && src.scalar_type() != at::kBFloat16) ||
+      (src.scalar_type() == at::kHalf && !have_f16c())) {
+    dst.view(src.sizes()).copy_(src);
+    return;
+  }
+  const auto n = static_cast<std::size_t>(src.numel());
+  const auto* s = static_cast<const std::uint16_t*>(src.data_ptr());
+  float* d = dst.data_ptr<float>();
+  if (src.scalar_type() == at::kHalf) {
+    half_to_float_f16c(s, d, n);
+  } else {  // bfloat16 is the upper half of a float32
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t bits = static_cast<std::uint32_t>(s[i]) << 16;
+      std::memcpy(d + i, &bits, sizeof bits);
+    }
+  }
 }
 
 TensorBytes tensor_bytes(std::string name, const at::Tensor& t) {

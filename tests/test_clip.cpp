@@ -196,6 +196,36 @@ TEST_CASE("causal prefixes and shared-prefix keys give the full forward's rows",
   CHECK_THROWS_WITH(enc->forward(at::zeros({1, 77}, at::kLong), &pre3), Catch::Contains("exceed"));
 }
 
+TEST_CASE("weights stored as F16/BF16 and widened per layer give the bytes of float32 weights", "[unit]") {
+  const TextEncoderInfo in = small_info();
+  const auto w = small_weights(in, 5);
+  const at::Tensor ids = ids_tensor({{49, 5, 17, 999, 3}, {49, 600, 2, 0, 1}});
+  for (const auto dt : {at::kHalf, at::kBFloat16}) {
+    INFO(dt);
+    // The stored weights in `dt`, and the same values already in float32.
+    std::map<std::string, at::Tensor> low, wide;
+    for (const auto& [k, t] : w) {
+      low[k] = t.to(dt);
+      wide[k] = low[k].to(at::kFloat);
+    }
+    auto enc_low = TextEncoder::from_tensors(low, in);
+    auto enc_wide = TextEncoder::from_tensors(wide, in);
+    CHECK(enc_low->widens_per_layer());
+    // The block matrices stay in the stored dtype; small tensors are converted.
+    for (const auto& [k, p] : enc_low->named_parameters()) {
+      INFO(k);
+      const bool matrix = p.dim() == 2 && k.find("layers.") != std::string::npos;
+      CHECK(p.scalar_type() == (matrix || k == "embeddings.token_embedding.weight" ? dt : at::kFloat));
+    }
+    const at::Tensor a = enc_low->forward(ids), b = enc_wide->forward(ids);
+    CHECK(at::equal(a, b));
+    // A second forward reuses the same buffers: still the same bytes.
+    CHECK(at::equal(enc_low->forward(ids), b));
+  }
+  // Float64 compute and no-weights loads convert at load time as before.
+  CHECK_FALSE(TextEncoder::from_tensors(w, in, {at::kDouble, "cpu"})->widens_per_layer());
+}
+
 TEST_CASE("OpenCLIP naming, output layer and final LN options", "[unit]") {
   TextEncoderInfo in = small_info();
   const auto w = small_weights(in, 11);
@@ -229,6 +259,16 @@ TEST_CASE("OpenCLIP naming, output layer and final LN options", "[unit]") {
   auto open = TextEncoder::from_tensors(oc, ino, {at::kDouble, "cpu"});
   at::Tensor ids = ids_tensor({{49, 7, 8, 9, 999}});
   CHECK(max_abs(open->forward(ids), hf->forward(ids)) == 0.0);
+  {
+    // Float32 from F16 weights, widened per layer: the fused in_proj and the three HF q/k/v
+    // matrices fill the same buffer rows.
+    std::map<std::string, at::Tensor> oc16, hf16;
+    for (const auto& [k, t] : oc) oc16[k] = t.to(at::kHalf);
+    for (const auto& [k, t] : w) hf16[k] = t.to(at::kHalf);
+    auto open16 = TextEncoder::from_tensors(oc16, ino), hf16e = TextEncoder::from_tensors(hf16, in);
+    REQUIRE(open16->widens_per_layer());
+    CHECK(at::equal(open16->forward(ids), hf16e->forward(ids)));
+  }
   {
     std::set<std::string> names;
     for (const auto& [k, t] : open->named_parameters()) names.insert(k);

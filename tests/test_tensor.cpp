@@ -104,6 +104,36 @@ TEST_CASE("widening F16/BF16 is exact and reads the mapping directly", "[unit]")
                     Catch::Contains("tensor 'i'") && Catch::Contains("expected a floating-point"));
 }
 
+TEST_CASE("widen_into is exact for every F16 and BF16 bit pattern, and copies other dtypes", "[unit]") {
+  // All 65,536 bit patterns (subnormals, ±0, ±inf, NaNs), plus an odd tail past the 8-wide loop.
+  at::Tensor bits = at::arange(0, 65536 + 5, at::kInt).remainder(65536).to(at::kShort);
+  for (const auto dt : {at::kHalf, at::kBFloat16}) {
+    INFO(dt);
+    const at::Tensor src = bits.view(dt);  // same bytes, reinterpreted
+    const at::Tensor want = src.to(at::kFloat);
+    at::Tensor got = at::full({src.numel()}, 7.0f);
+    widen_into(src, got);
+    // Bit-for-bit, NaNs included (at::equal would call NaN != NaN).
+    const at::Tensor gi = got.view(at::kInt), wi = want.view(at::kInt);
+    const at::Tensor nan = at::isnan(want);
+    CHECK(at::equal(at::isnan(got), nan));
+    const at::Tensor bad = (gi != wi).logical_and(nan.logical_not());
+    if (bad.any().item<bool>()) {
+      const auto k = bad.nonzero()[0][0].item<std::int64_t>();
+      INFO("first difference at bit pattern " << k << ": got " << got[k].item<float>()
+                                              << ", expected " << want[k].item<float>());
+      CHECK(false);
+    }
+  }
+  // A non-contiguous float32 source and a 2-D destination of the same size.
+  at::Tensor f = at::randn({6, 5}).t();
+  at::Tensor out = at::empty({5, 6});
+  widen_into(f, out);
+  CHECK(at::equal(out, f.contiguous()));
+  CHECK_THROWS_WITH(widen_into(f, at::empty({4, 6})), Catch::Contains("30 elements into 24"));
+  CHECK_THROWS_WITH(widen_into(f, at::empty({5, 6}, at::kDouble)), Catch::Contains("widen_into"));
+}
+
 TEST_CASE("tensor_bytes gives contiguous CPU bytes for the writer", "[unit]") {
   at::Tensor t = at::arange(12, at::kFloat).view({3, 4}).t();  // non-contiguous
   auto b = tensor_bytes("x", t);

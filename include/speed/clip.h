@@ -53,6 +53,9 @@ class TextEncoder {
   at::ScalarType dtype() const;
   at::Device device() const;
   int layers_run() const;  // transformer blocks applied before the output
+  // True when the forward reads each block's weight matrices from their stored bytes (widened to
+  // float32 per layer on the CPU) rather than from a converted copy: the source must stay mapped.
+  bool widens_per_layer() const;
 
   // Keys and values, per layer, of a prefix shared by many prompts (every prompt starts with
   // SOT): computed once, then forward() continues after it. Rows after the prefix attend to it

@@ -41,6 +41,13 @@ bool is_aligned(const SafeTensors& st, const TensorInfo& info);
 at::Tensor load_tensor(std::shared_ptr<const SafeTensors> st, const TensorInfo& info,
                        at::ScalarType dtype);
 
+// Copies the floating CPU tensor `src` into the contiguous float32 CPU tensor `dst` of as many
+// elements (row-major order): F16 by the CPU's F16C instructions where it has them (~10x
+// LibTorch's copy_), BF16 by a shift, anything else by copy_. Every conversion is exact. For
+// weights widened just before use into one reused buffer (the text encoder's layers): fresh
+// memory costs more than the conversion (docs/performance.md, "Seventh session").
+void widen_into(const at::Tensor& src, const at::Tensor& dst);
+
 // A tensor ready for write_safetensors: `holder` keeps a contiguous CPU copy (or the tensor
 // itself when already contiguous on the CPU) alive as long as `data` is used.
 struct TensorBytes {
