@@ -197,13 +197,14 @@ TEST_CASE("dense matches at::linear, and its bytes do not depend on the thread c
     ~Threads() { set_compute_threads(saved); }
   } restore;
   at::manual_seed(7);
-  // Row counts below, at and above the 48-row split alignment, odd tails included. Failed on an
-  // AVX-512 machine when the split followed the thread count (rows 48 and 96 on differed).
-  // The last two: CLIP-L-like widths, so that the BLAS's blocking over `in` takes several steps.
+  // Row counts from 1 to several hundred, and output widths below, at and above the 64-column
+  // split alignment, odd tails included (the split follows the output width). An earlier split
+  // that followed the thread count failed on an AVX-512 machine (rows 48 and 96 on differed).
+  // The last three: CLIP-L-like widths, so that the BLAS's blocking over `in` takes several steps.
   const std::vector<std::array<std::int64_t, 3>> shapes = {
-      {1, 96, 40},  {5, 96, 40},   {47, 96, 40},   {48, 96, 40},   {49, 96, 40},   {63, 96, 40},
-      {95, 96, 40}, {96, 96, 40},  {97, 96, 40},   {145, 96, 40},  {301, 96, 40},  {468, 96, 40},
-      {301, 800, 333}, {468, 768, 1000}};
+      {1, 96, 40},   {5, 96, 40},    {48, 96, 40},   {97, 96, 40},   {468, 96, 40},
+      {50, 96, 63},  {50, 96, 64},   {50, 96, 65},   {50, 96, 127},  {50, 96, 129},
+      {3, 96, 700},  {145, 96, 769}, {301, 800, 333}, {468, 768, 1000}, {37, 768, 3072}};
   for (const auto& [M, K, N] : shapes) {
     INFO("x [" << M << ", " << K << "], w [" << N << ", " << K << "]");
     const at::Tensor x = at::randn({M, K});

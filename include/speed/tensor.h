@@ -99,10 +99,11 @@ class SerialBlas {
 void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)>& fn);
 
 // x wᵀ + b (at::linear) for float32 x [M, in] on the CPU, by OpenBLAS's sgemm directly (found
-// with dlsym), the rows split into one block per LibTorch thread (at::get_num_threads()), each
-// block one single-threaded call (see set_compute_threads). Each output element is summed over
-// `in` in an order that does not depend on how the rows are split, so the bytes do not depend on
-// the thread count (tested). Other dtypes or devices, or a BLAS other than OpenBLAS: at::linear.
+// with dlsym): the output columns (rows of w) are cut into up to 12 blocks fixed by w's size,
+// handed out over LibTorch's thread count (at::get_num_threads()), each block one
+// single-threaded call (see set_compute_threads). The blocks do not depend on the thread count,
+// so neither do the bytes (tested). Other dtypes or devices, or a BLAS other than OpenBLAS:
+// at::linear.
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The Gram matrix of a float64 matrix W [r, c]: Wᵀ W [c, c] when `of_columns`, else W Wᵀ [r, r].
