@@ -40,24 +40,11 @@ dir="${SPEED_BENCH_DIR:-${TMPDIR:-/tmp}/speed-bench}"
 data="${SPEED_DATA_DIR:-$(cd .. && pwd)/shared/data/speed}"
 merges="${SPEED_MERGES:-$(cd .. && pwd)/shared/data/clip/bpe_simple_vocab_16e6.txt.gz}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-# The launcher's other defaults, for the programs run here without it (the replay, the
-# generator): huge pages for malloc, and OpenBLAS's SkylakeX kernels on AMD processors with
-# AVX-512 (src/launch/main.cc), so that the replay ratio compares like with like.
-export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
-amd_avx512() {
-  grep -q -m1 '^vendor_id.*AuthenticAMD' /proc/cpuinfo || return 1
-  local flags f
-  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-  for f in avx512f avx512cd avx512bw avx512dq avx512vl; do
-    [[ "$flags" == *" $f "* ]] || return 1
-  done
-}
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && amd_avx512; then export OPENBLAS_CORETYPE=SkylakeX; fi
 export SPEED_BENCH_DIR="$dir"
 mkdir -p "$dir/out" "$dir/runs"
 
 [ -n "${SPEED_BENCH_NO_BUILD:-}" ] || ninja -C "$build" -j2 speed-erase test_embed >/dev/null
-echo "== speed-erase bench $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), OMP_WAIT_POLICY=$OMP_WAIT_POLICY, GLIBC_TUNABLES=$GLIBC_TUNABLES, OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset}"
+echo "== speed-erase bench $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), OMP_WAIT_POLICY=$OMP_WAIT_POLICY"
 "$build/tests/test_embed" "[.synth]" | grep -e '^wrote' -e '^synthetic' || true
 model="$dir/sd1-full-f16.safetensors"
 model_mb=$(( $(stat -c %s "$model") / 1000000 ))

@@ -120,8 +120,7 @@ Json layer_json(const LayerDiagnostics& d, const std::string& source) {
 const std::vector<std::string>& volatile_report_keys() {
   static const std::vector<std::string> keys = {"timings",         "cache",
                                                 "output",          "threads",
-                                                "omp_wait_policy", "glibc_tunables",
-                                                "blas_core"};
+                                                "omp_wait_policy", "glibc_tunables"};
   return keys;
 }
 

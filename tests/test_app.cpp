@@ -56,9 +56,8 @@ struct Run {
 
 // Runs the binary with `args` (shell-quoted here), capturing stdout and stderr. `env` is a shell
 // prefix such as "env -u OMP_WAIT_POLICY ".
-Run run(const std::vector<std::string>& args, const fs::path& tmp, const std::string& env = "",
-        const std::string& binary = SPEED_ERASE_BIN) {
-  std::string cmd = env + quote(binary);
+Run run(const std::vector<std::string>& args, const fs::path& tmp, const std::string& env = "") {
+  std::string cmd = env + quote(SPEED_ERASE_BIN);
   for (const auto& a : args) cmd += " " + quote(a);
   fs::path out = tmp / "stdout.txt", err = tmp / "stderr.txt";
   cmd += " >" + quote(out.string()) + " 2>" + quote(err.string());
@@ -379,38 +378,6 @@ TEST_CASE("launcher: glibc.malloc.hugetlb=1 is added to GLIBC_TUNABLES unless th
     REQUIRE(r.rc == 0);
     CHECK(Json::parse(r.out)["glibc_tunables"] == c.want);
   }
-}
-
-TEST_CASE("launcher: OpenBLAS runs its SkylakeX kernels on AMD processors with AVX-512, unless the user chose",
-          "[e2e]") {
-  TempDir tmp;
-  const std::vector<std::string> args = report_only_run(tmp.path);
-  const std::string cli = (fs::path(SPEED_ERASE_BIN).parent_path() / "speed-erase-cli").string();
-  auto core_of = [&](const std::string& env, const std::string& binary) {
-    Run r = run(args, tmp.path, env, binary);
-    INFO(env << binary << " -> stderr: " << r.err);
-    REQUIRE(r.rc == 0);
-    return Json::parse(r.out)["blas_core"];
-  };
-  // What OpenBLAS picks by itself (the program started directly, without the launcher).
-  const Json own = core_of("env -u OPENBLAS_CORETYPE ", cli);
-  const Json launched = core_of("env -u OPENBLAS_CORETYPE ", SPEED_ERASE_BIN);
-  INFO("OpenBLAS's own choice " << own << ", through the launcher " << launched);
-  if (own.is_null()) {  // not OpenBLAS: nothing to choose
-    CHECK(launched.is_null());
-    return;
-  }
-  bool amd_avx512 = false;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  amd_avx512 = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f") &&
-               __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#endif
-  CHECK(launched == (amd_avx512 ? Json("SkylakeX") : own));
-  // The user's choice is kept (here: OpenBLAS's own pick, which differs from SkylakeX on the
-  // machines where the launcher changes anything).
-  CHECK(core_of("env OPENBLAS_CORETYPE=" + own.get<std::string>() + " ", SPEED_ERASE_BIN) == own);
 }
 
 TEST_CASE("launcher: a missing or broken speed-erase-cli is one error line", "[e2e]") {

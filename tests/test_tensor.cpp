@@ -4,17 +4,10 @@
 
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <array>
 #include <atomic>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <iterator>
-#include <string>
 #include <vector>
 
 #include "speed/error.h"
@@ -199,8 +192,6 @@ TEST_CASE("all_finite: NaN and infinities in every floating dtype, no false alar
 }
 
 TEST_CASE("dense matches at::linear, and its bytes do not depend on the thread count", "[unit]") {
-  // Run again by the next test with OpenBLAS's kernels forced: check they are the ones running.
-  if (const char* want = std::getenv("SPEED_TEST_BLAS_CORE")) REQUIRE(blas_core() == want);
   struct Threads {  // restores LibTorch's pool size
     int saved = at::get_num_threads();
     ~Threads() { set_compute_threads(saved); }
@@ -247,47 +238,6 @@ TEST_CASE("dense matches at::linear, and its bytes do not depend on the thread c
   const at::Tensor xd = at::randn({70, 96}, at::kDouble);
   CHECK(at::equal(dense(xd, w.to(at::kDouble), b.to(at::kDouble)),
                   at::linear(xd, w.to(at::kDouble), b.to(at::kDouble))));
-}
-
-// OpenBLAS picks its kernels by the processor when it loads (OPENBLAS_CORETYPE overrides), and
-// the launcher picks SkylakeX on AMD processors with AVX-512: the checks above run again in a
-// child process for each kernel set this processor can run.
-TEST_CASE("dense: the same checks under each OpenBLAS kernel set this processor runs", "[unit]") {
-  if (std::getenv("SPEED_TEST_BLAS_CORE")) return;  // the child itself
-  if (blas_core().empty()) {
-    WARN("the BLAS is not OpenBLAS: no kernel sets to choose from");
-    return;
-  }
-  std::vector<std::string> cores;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cores.push_back("Haswell");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl"))
-    cores.push_back("SkylakeX");
-#endif
-  if (cores.empty()) {
-    WARN("this processor runs none of the x86-64 kernel sets checked here");
-    return;
-  }
-  char self[4096];
-  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  REQUIRE(n > 0);
-  self[n] = '\0';
-  const std::string log = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") +
-                          "/speed-test-dense-" + std::to_string(getpid()) + ".log";
-  for (const std::string& core : cores) {
-    const std::string cmd = "SPEED_TEST_BLAS_CORE=" + core + " OPENBLAS_CORETYPE=" + core + " '" +
-                            self + "' 'dense matches at::linear*' >'" + log + "' 2>&1";
-    const int status = std::system(cmd.c_str());
-    std::ifstream in(log);
-    const std::string out((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::remove(log.c_str());
-    INFO("OPENBLAS_CORETYPE=" << core << ": " << out);
-    CHECK(status == 0);
-    CHECK(out.find("All tests passed") != std::string::npos);
-  }
 }
 
 TEST_CASE("run_tasks runs every index once and rethrows the first error in index order", "[unit]") {

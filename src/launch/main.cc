@@ -1,7 +1,7 @@
-// speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy,
-// glibc's malloc tunables and OpenBLAS's kernels, then executes the real program, speed-erase-cli (the
-// subcommands, libspeed and LibTorch). These settings are read once, when the program starts,
-// so only a process that runs before it can choose them for its users.
+// speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy
+// and glibc's malloc tunables, then executes the real program, speed-erase-cli (the
+// subcommands, libspeed and LibTorch). Both settings are read once, when the program starts, so
+// only a process that runs before it can choose them for its users.
 //
 // Why a separate executable: libgomp, which LibTorch's CPU kernels use, reads OMP_WAIT_POLICY
 // once, in its initialiser. Linked into the executable it is initialised before main() runs, and
@@ -23,15 +23,6 @@
 // is ~13,000 faults, and the run is 0.5-1.0 s shorter, with the same output bytes
 // (docs/performance.md, sixth session). A GLIBC_TUNABLES the user set is kept; the tunable is
 // appended unless it already names glibc.malloc.hugetlb.
-//
-// OPENBLAS_CORETYPE=SkylakeX on AMD processors with AVX-512 (Zen 4 and later), unless the user
-// set the variable: OpenBLAS 0.3.21 (Debian 12's) does not know these cores and runs its Haswell
-// (AVX2) kernels on them; on this project's machines (AMD, family 26) the SkylakeX kernels made
-// a cold celebrity-100 run ~0.3 s shorter, with ~0.6 s less CPU time (docs/performance.md,
-// seventh session). The check is the launcher's own (cpuid: AVX-512 F, CD, BW, DQ and VL, and the
-// operating system saving their registers), so the kernels never meet a processor without them.
-// Other BLAS libraries, or an OpenBLAS built for one processor, ignore the variable; the report's
-// `blas_core` names the kernels that ran.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -84,24 +75,6 @@ void default_malloc_tunables() {
   ::setenv("GLIBC_TUNABLES", (std::string(current) + ":" + kHugetlb + "=1").c_str(), 1);
 }
 
-// True on an AMD processor with the AVX-512 subsets OpenBLAS's SkylakeX kernels use.
-bool amd_with_avx512() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
-void default_blas_core() {
-  const char* current = std::getenv("OPENBLAS_CORETYPE");
-  if (current != nullptr && *current != '\0') return;  // the user's choice
-  if (amd_with_avx512()) ::setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
-}
-
 }  // namespace
 
 int main(int /*argc*/, char** argv) {
@@ -109,7 +82,6 @@ int main(int /*argc*/, char** argv) {
   // takes precedence over the policy).
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
   default_malloc_tunables();
-  default_blas_core();
 
   std::string tried;
   for (const std::string& path : candidates()) {
