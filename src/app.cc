@@ -333,6 +333,9 @@ RunResult run_erase(const EraseRequest& req) {
   // launcher sets PASSIVE and adds glibc.malloc.hugetlb=1 unless the user chose: src/launch/).
   report["omp_wait_policy"] = env_or_null("OMP_WAIT_POLICY");
   report["glibc_tunables"] = env_or_null("GLIBC_TUNABLES");
+  // The kernels OpenBLAS runs: the same inputs give other bytes with other kernels.
+  const std::string core = blas_core();
+  report["blas_core"] = core.empty() ? Json(nullptr) : Json(core);
   Json ej;
   ej["retain_rows"] = edit.retain_rows;
   ej["retain_is_empty_prompt"] = edit.retain_is_empty_prompt;

@@ -120,7 +120,8 @@ Json layer_json(const LayerDiagnostics& d, const std::string& source) {
 const std::vector<std::string>& volatile_report_keys() {
   static const std::vector<std::string> keys = {"timings",         "cache",
                                                 "output",          "threads",
-                                                "omp_wait_policy", "glibc_tunables"};
+                                                "omp_wait_policy", "glibc_tunables",
+                                                "blas_core"};
   return keys;
 }
 

@@ -187,8 +187,12 @@ at::Tensor smallest_eigenvector(const at::Tensor& gram) {
     return x.squeeze(1).contiguous();
   };
   auto factor = [&](double sigma, at::Tensor& L) {
+    // gram − σI in one d×d copy (not eye, σ·eye and the difference: fresh memory is what costs,
+    // docs/performance.md, seventh session); same values, so the same bytes.
+    at::Tensor shifted = gram.clone();
+    shifted.diagonal().sub_(sigma);
     at::Tensor info;
-    std::tie(L, info) = at::linalg_cholesky_ex(gram - sigma * at::eye(d, gram.options()));
+    std::tie(L, info) = at::linalg_cholesky_ex(shifted);
     return info.item<int>() == 0;
   };
   at::Tensor L;

@@ -72,6 +72,14 @@ void set_compute_threads(int n) {
   if (SetFn f = blas_set()) f(1);
 }
 
+std::string blas_core() {
+  using NameFn = const char* (*)();
+  static const auto f =
+      blas_set() ? reinterpret_cast<NameFn>(dlsym(RTLD_DEFAULT, "openblas_get_corename")) : nullptr;
+  const char* name = f ? f() : nullptr;
+  return name ? name : "";
+}
+
 int blas_threads() {
   GetFn f = blas_get();
   return f ? f() : 0;

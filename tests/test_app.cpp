@@ -8,13 +8,14 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
-#include <cstring>
-#include <map>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -194,9 +195,22 @@ TEST_CASE("erase e2e: instance_iec3 reproduces the golden edit; every format agr
   }
   CHECK(rep.contains("timings"));
   CHECK(rep["output"]["path"] == edited.string());
+  // The BLAS kernels that ran: this build links OpenBLAS (scripts/install-deps.sh), and an
+  // OPENBLAS_CORETYPE in the environment is what OpenBLAS runs (it is never changed here).
+  REQUIRE(rep["blas_core"].is_string());
+  CHECK_FALSE(rep["blas_core"].get<std::string>().empty());
+  if (const char* forced = std::getenv("OPENBLAS_CORETYPE"); forced && *forced) {
+    std::string want = forced, got = rep["blas_core"];
+    for (auto* t : {&want, &got})
+      for (char& ch : *t) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    CHECK(got == want);
+  }
   Json embedded = Json::parse(*out->metadata_value(kReportMetadataKey));
   CHECK(embedded["layers"] == rep["layers"]);
-  CHECK_FALSE(embedded.contains("timings"));
+  for (const char* key : {"timings", "threads", "omp_wait_policy", "glibc_tunables", "blas_core"}) {
+    INFO("embedded report key " << key);
+    CHECK_FALSE(embedded.contains(key));
+  }
   CHECK(*out->metadata_value("format") == "pt");
 
   // ---- full: only K/V tensors and EMA twins differ, and they equal the edited output ----

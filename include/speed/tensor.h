@@ -79,6 +79,9 @@ int available_cores();
 void set_compute_threads(int n);
 // OpenBLAS's pool size, 0 when the BLAS is not OpenBLAS.
 int blas_threads();
+// The processor kernels OpenBLAS runs ("Haswell", "SkylakeX", ...: openblas_get_corename; it
+// follows OPENBLAS_CORETYPE when that is set), empty when the BLAS is not OpenBLAS.
+std::string blas_core();
 // While alive, OpenBLAS runs single-threaded (for work that is already parallel over layers:
 // nested pools on few cores only oversubscribe); restores the previous size.
 class SerialBlas {
