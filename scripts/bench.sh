@@ -56,6 +56,9 @@ model_mb=$(( $(stat -c %s "$model") / 1000000 ))
 run() {
   local name="$1"; shift
   local rep="$dir/runs/$name.json" tim="$dir/runs/$name.time"
+  # Every timed run (and copy) starts with no dirty pages left by an earlier one: otherwise the
+  # kernel's write-out of the previous 2 GB output lands in the next measurement.
+  sync
   if ! /usr/bin/time -v "$bin" erase --model "$model" --tokenizer "$merges" --data-dir "$data" \
       --report "$rep" --force -q "$@" 2>"$tim" >/dev/null; then
     echo "$name: FAILED"; tail -5 "$tim"; return 0
@@ -99,10 +102,10 @@ if want base; then
   for i in 1 2 3; do /usr/bin/time -f "%e %M" "$bin" --version 2>&1 >/dev/null | tail -1; done |
     sort -n | sed -n 2p | awk '{printf "speed-erase --version (LibTorch load + exit), median of 3: %.2f s, rss %.0f MB\n", $1, $2/1024}'
   cat "$model" >/dev/null
-  for i in 1 2; do /usr/bin/time -f "%e" cp "$model" "$dir/out/copy.safetensors" 2>&1 | tail -1; done | sort -n | head -1 |
+  for i in 1 2; do rm -f "$dir/out/copy.safetensors"; sync; /usr/bin/time -f "%e" cp "$model" "$dir/out/copy.safetensors" 2>&1 | tail -1; done | sort -n | head -1 |
     awk -v mb="$model_mb" '{printf "cp of the %d MB checkpoint (page cache warm), best of 2: %.2f s\n", mb, $1}'
   # The export fsyncs its output before the rename (SPEC §6): the fair comparison syncs too.
-  for i in 1 2; do rm -f "$dir/out/copy.safetensors"; /usr/bin/time -f "%e" sh -c 'cp "$1" "$2" && sync "$2"' sh "$model" "$dir/out/copy.safetensors" 2>&1 | tail -1; done |
+  for i in 1 2; do rm -f "$dir/out/copy.safetensors"; sync; /usr/bin/time -f "%e" sh -c 'cp "$1" "$2" && sync "$2"' sh "$model" "$dir/out/copy.safetensors" 2>&1 | tail -1; done |
     sort -n | head -1 | awk '{printf "cp + sync (fsync) of the same file, best of 2: %.2f s\n", $1}'
   rm -f "$dir/out/copy.safetensors"
 fi

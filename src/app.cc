@@ -220,9 +220,10 @@ RunResult run_erase(const EraseRequest& req) {
     }
   }
   sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
-  // The encoder is done: its float32 weights go before the edit allocates, and glibc hands the
-  // freed blocks back (they sit in the main thread's arena, which the edit's workers do not
-  // use): the edit then starts ~0.3 GB lower (docs/performance.md).
+  // The encoder is done: what it converted goes before the edit allocates (all its weights on a
+  // GPU or in float64, ~0.3 GB for CLIP-L; on the CPU in float32 only the small tensors, the
+  // block matrices being widened per layer during the forward), and glibc hands the freed blocks
+  // back (they sit in the main thread's arena, which the edit's workers do not use).
   emb.release_weights();
   malloc_trim(0);
   std::int64_t hits = emb.cache_hits(), misses = emb.cache_misses();

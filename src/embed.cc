@@ -31,7 +31,8 @@ std::optional<std::string> default_cache_dir() {
 
 struct Embedder::Impl {
   // Validated and hashed at construction, converted to the compute dtype only before the first
-  // forward: a run whose prompts are all cached never pays for the ~0.5 GB float32 copy.
+  // forward: a run whose prompts are all cached converts nothing. (On the CPU in float32 the
+  // block matrices are never copied: the forward widens them per layer, src/clip_internal.h.)
   std::vector<std::unique_ptr<TextEncoder>> encoders;
   std::vector<std::pair<std::shared_ptr<const SafeTensors>, TextEncoderInfo>> sources;
   bool loaded = false;

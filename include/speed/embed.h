@@ -61,8 +61,9 @@ class Embedder {
   // Whether the encoder weights were converted for a forward pass (false while every prompt
   // came from the cache).
   bool weights_loaded() const;
-  // Frees the converted encoder weights (~0.3 GB float32 for CLIP-L) once every prompt is
-  // embedded; a later call converts them again. The cache and the hash stay.
+  // Frees the converted encoder weights once every prompt is embedded (~0.3 GB of float32 for
+  // CLIP-L on a GPU; on the CPU only the small tensors, see TextEncoder::widens_per_layer); a
+  // later call converts them again. The cache and the hash stay.
   void release_weights();
 
   // A float64 vector derived from this model's weights (e.g. a weight's DPA direction), cached

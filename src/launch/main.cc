@@ -18,10 +18,11 @@
 // glibc.malloc.hugetlb=1 (glibc >= 2.35; older versions ignore it) makes malloc ask for
 // transparent huge pages (madvise MADV_HUGEPAGE) on its heap and its mmap'd blocks, for kernels
 // whose THP mode is "madvise" (Debian's and this project's machines). A cold celebrity-100 run
-// converts the text encoder to ~490 MB of float32 and builds its activations in fresh memory:
-// with 4 KiB pages that was ~157,000 page faults, 1.2-1.6 s of system time. With huge pages it
-// is ~13,000 faults, and the run is 0.5-1.0 s shorter, with the same output bytes
-// (docs/performance.md, sixth session). A GLIBC_TUNABLES the user set is kept; the tunable is
+// then converted the text encoder to ~490 MB of float32 and built its activations in fresh
+// memory: with 4 KiB pages that was ~157,000 page faults, 1.2-1.6 s of system time. With huge
+// pages it was ~13,000 faults, and the run 0.5-1.0 s shorter, with the same output bytes
+// (docs/performance.md, sixth session; since the seventh, the encoder's block matrices are no
+// longer copied at all). A GLIBC_TUNABLES the user set is kept; the tunable is
 // appended unless it already names glibc.malloc.hugetlb.
 #include <sys/stat.h>
 #include <unistd.h>
