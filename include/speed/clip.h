@@ -84,7 +84,8 @@ class TextEncoder {
   // ids [R, T]: R prefixes of T tokens each in one pass (views into shared storage).
   std::vector<Prefix> encode_prefixes(const at::Tensor& ids) const;
 
-  // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor).
+  // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor). With
+  // widens_per_layer(), the blocks' weight matrices are the stored tensors (fp16/bf16 views).
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
 
   // XXH64 over the stored bytes of every tensor used (in canonical order), their names, dtypes
