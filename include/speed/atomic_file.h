@@ -59,6 +59,7 @@ class AtomicFile {
   std::size_t used_ = 0;
   std::uint64_t written_ = 0;     // bytes handed to the kernel
   std::uint64_t writeback_ = 0;   // bytes whose write-out was started
+  std::uint64_t dropped_ = 0;     // bytes written out and dropped from the page cache
 };
 
 // A temporary folder beside `path` (`.<name>.tmp-XXXXXX`, mode 0777 & ~umask) to fill, then
