@@ -160,12 +160,14 @@ void rename_into_place(const std::string& temp, const std::string& path, bool no
   }
 }
 
-// Write-out is started every kWritebackChunk bytes (see start_writeback()).
-constexpr std::uint64_t kWritebackChunk = std::uint64_t{32} << 20;
-// At most this many bytes (four stretches) are being written out at once (see start_writeback()).
+// Write-out is started every kWritebackChunk bytes; at most kWritebackInFlight bytes (four
+// stretches) are being written out at once; copy_file_range and the read + write fallback move at
+// most kCopyChunk bytes per call. All small, since every byte between the copy and the oldest
+// stretch not yet dropped is page cache the output holds, and on these machines fresh memory is
+// what a copy costs (see start_writeback()).
+constexpr std::uint64_t kWritebackChunk = std::uint64_t{8} << 20;
 constexpr std::uint64_t kWritebackInFlight = 4 * kWritebackChunk;
-// copy_file_range and the read + write fallback move at most this much per call.
-constexpr std::size_t kCopyChunk = std::size_t{64} << 20;
+constexpr std::size_t kCopyChunk = std::size_t{8} << 20;
 
 }  // namespace
 
@@ -240,13 +242,15 @@ void AtomicFile::fail_write(int err) const {
 // until the final fsync wrote all of it, after the copy instead of during it. This way the copy
 // and the disk write overlap, dirty memory stays bounded, and fsync finds only the tail. Dropping
 // the written stretches keeps the output's page cache bounded too: the next stretches reuse the
-// pages just freed instead of taking 2 GB of fresh memory (on a virtual machine whose free
-// memory goes back to the host, fresh memory is what a copy costs: a 2 GB `full` export took
-// 2.5-7.9 s with the pages kept, 1.5-1.8 s with them dropped; docs/performance.md), and the
-// user's page cache is not flushed out by an output nobody has read yet. Several stretches in
-// flight rather than one keep the disk's queue fed (1.02-1.42 s against 1.24-1.40 s for a bare
-// 2 GB copy). Errors are left to fsync, which reports them (the kernel records a failed write-out
-// on the file itself, so dropping pages hides nothing).
+// pages just freed instead of taking 2 GB of fresh memory. On a virtual machine whose free memory
+// goes back to the host, fresh memory is what a copy costs: a 2 GB `full` export took 2.5-7.9 s
+// with the pages kept, 1.5-1.8 s with them dropped, and a bare 2 GB copy with fresh memory
+// 2.2-2.9 s (one 32 MiB stretch in flight, 64 MiB copy steps), 1.6-2.0 s (four such stretches),
+// 1.2-1.4 s (four 8 MiB stretches, 8 MiB steps; docs/performance.md, eighth session). Several
+// stretches in flight keep the disk's queue fed; small ones keep the fresh memory small. The
+// user's page cache is not flushed out by an output nobody has read yet either. Errors are left
+// to fsync, which reports them (the kernel records a failed write-out on the file itself, so
+// dropping pages hides nothing).
 void AtomicFile::start_writeback() {
   if (written_ - writeback_ < kWritebackChunk) return;
   ::sync_file_range(fd_, static_cast<off64_t>(writeback_), static_cast<off64_t>(written_ - writeback_),

@@ -56,9 +56,9 @@ struct Fd {
 
 // Writes header + src[a, a+n) + middle + src[b, b+m) + tail: unaligned offsets and lengths,
 // writes between copies (the buffer must be flushed before each copy), stretches larger than
-// the 32 MiB write-out step and the 64 MiB copy step; then all of src again by copy, by one large
-// write and by copy from byte 1, so that the output (~290 MB) passes the 128 MiB the writer keeps
-// in flight several times over: its waits and page-cache drops run between writes.
+// the 8 MiB write-out and copy steps and than the 32 MiB the writer keeps in flight; then all of
+// src again by copy, by one large write and by copy from byte 1 (~290 MB in all), so that its
+// waits and page-cache drops run many times, between and inside writes.
 std::string staged_copy(const fs::path& src, const fs::path& out, bool& in_kernel) {
   const std::string bytes = slurp(src);
   speed::AtomicFile f(out.string(), false);
