@@ -40,12 +40,10 @@ void spit(const fs::path& p, const std::string& bytes) {
 
 // "same" or where two byte strings first differ (a failed check prints this, not ~290 MB).
 std::string compare_bytes(const std::string& got, const std::string& want) {
-  const std::size_t n = std::min(got.size(), want.size());
-  std::size_t i = 0;
-  while (i < n && got[i] == want[i]) ++i;
-  if (i == n && got.size() == want.size()) return "same";
+  const auto diff = std::mismatch(got.begin(), got.end(), want.begin(), want.end());
+  if (diff.first == got.end() && diff.second == want.end()) return "same";
   return "got " + std::to_string(got.size()) + " bytes, expected " + std::to_string(want.size()) +
-         "; first difference at byte " + std::to_string(i);
+         "; first difference at byte " + std::to_string(diff.first - got.begin());
 }
 
 struct Fd {
