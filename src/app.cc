@@ -64,24 +64,47 @@ void check_report_path(const std::string& path, const std::vector<std::string>& 
   SPEED_CHECK(!fs::is_directory(p, ec), "--report '{}' is a folder, expected a file", path);
 }
 
-at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bool all_tokens,
-                      const std::string& stage, const ProgressFn& progress, std::int64_t& done,
-                      std::int64_t total) {
-  // Chunks only for progress (rows do not depend on what they are batched with); large, since
-  // every call runs its own passes over the encoder weights.
+std::vector<at::Tensor> embed_lists(Embedder& emb, const std::vector<PromptList>& lists,
+                                    const std::string& stage, const ProgressFn& progress,
+                                    std::int64_t& done, std::int64_t total) {
+  // Chunks only for progress (rows do not depend on what they are embedded with); large, since
+  // every call runs its own pass over the encoder weights.
   constexpr std::size_t kChunk = 4096;
-  std::vector<at::Tensor> parts;
-  for (std::size_t i = 0; i < prompts.size(); i += kChunk) {
-    std::vector<std::string> chunk(prompts.begin() + static_cast<std::ptrdiff_t>(i),
-                                   prompts.begin() + static_cast<std::ptrdiff_t>(std::min(prompts.size(), i + kChunk)));
-    parts.push_back(all_tokens ? emb.all_tokens(chunk) : emb.last_subject_rows(chunk));
-    done += static_cast<std::int64_t>(chunk.size());
+  std::vector<std::vector<at::Tensor>> parts(lists.size());
+  std::size_t li = 0, pos = 0;  // the next prompt: lists[li], index pos
+  auto skip_finished = [&] {
+    while (li < lists.size() && pos >= lists[li].prompts->size()) ++li, pos = 0;
+  };
+  skip_finished();
+  while (li < lists.size()) {
+    std::vector<std::vector<TokenizedPrompt>> tokens;
+    std::vector<std::size_t> owner;
+    std::size_t n = 0;
+    while (li < lists.size() && n < kChunk) {
+      const std::vector<std::string>& p = *lists[li].prompts;
+      const std::size_t take = std::min(kChunk - n, p.size() - pos);
+      const auto first = p.begin() + static_cast<std::ptrdiff_t>(pos);
+      tokens.push_back(emb.tokenize(std::vector<std::string>(first, first + static_cast<std::ptrdiff_t>(take))));
+      owner.push_back(li);
+      n += take, pos += take;
+      skip_finished();
+    }
+    std::vector<Embedder::Request> requests;
+    for (std::size_t k = 0; k < tokens.size(); ++k) requests.push_back({&tokens[k], lists[owner[k]].all_tokens});
+    std::vector<at::Tensor> rows = emb.embed(requests);
+    for (std::size_t k = 0; k < rows.size(); ++k) parts[owner[k]].push_back(std::move(rows[k]));
+    done += static_cast<std::int64_t>(n);
     if (progress) progress({stage, done, total});
   }
-  if (parts.empty()) {
-    return all_tokens ? at::empty({0, kContext, emb.width()}) : at::empty({0, emb.width()});
+  std::vector<at::Tensor> out;
+  for (std::size_t i = 0; i < lists.size(); ++i) {
+    if (parts[i].empty()) {
+      out.push_back(lists[i].all_tokens ? at::empty({0, kContext, emb.width()}) : at::empty({0, emb.width()}));
+    } else {
+      out.push_back(parts[i].size() == 1 ? parts[i][0] : at::cat(parts[i], 0));
+    }
   }
-  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+  return out;
 }
 
 }  // namespace detail
@@ -197,29 +220,35 @@ RunResult run_erase(const EraseRequest& req) {
   std::int64_t done = 0;
   std::int64_t units = static_cast<std::int64_t>(2 * set.targets.size() + set.retain.size() + 1);
   const auto n_targets = static_cast<std::int64_t>(set.targets.size());
+  // Every list in one call (one pass over the encoder weights, SOT and the shared first tokens
+  // computed in it too): targets, anchors, retain texts and the empty prompt.
+  const std::vector<std::string> empty_prompt{""};
+  std::vector<std::string> rows;  // last-subject mode: targets, anchors, retain texts
+  std::vector<detail::PromptList> lists;
   if (all) {
-    sets.targets = detail::embed_rows(emb, set.targets, true, "encode", req.progress, done, units)
-                       .narrow(1, 1, kContext - 1);
-    sets.anchors = detail::embed_rows(emb, set.anchors, true, "encode", req.progress, done, units)
-                       .narrow(1, 1, kContext - 1);
-    if (set.has_retain_source) {
-      sets.retain = detail::embed_rows(emb, set.retain, false, "encode", req.progress, done, units);
-    }
+    lists = {{&set.targets, true}, {&set.anchors, true}};
+    if (set.has_retain_source) lists.push_back({&set.retain, false});
   } else {
-    // Targets, anchors and retain texts in one call: one set of length groups, so one pass over
-    // the encoder weights per length instead of one per list and length.
-    std::vector<std::string> rows = set.targets;
+    rows = set.targets;
     rows.insert(rows.end(), set.anchors.begin(), set.anchors.end());
     if (set.has_retain_source) rows.insert(rows.end(), set.retain.begin(), set.retain.end());
-    const at::Tensor all_rows =
-        detail::embed_rows(emb, rows, false, "encode", req.progress, done, units);
-    sets.targets = all_rows.narrow(0, 0, n_targets);
-    sets.anchors = all_rows.narrow(0, n_targets, n_targets);
+    lists = {{&rows, false}};
+  }
+  lists.push_back({&empty_prompt, true});
+  const std::vector<at::Tensor> embedded =
+      detail::embed_lists(emb, lists, "encode", req.progress, done, units);
+  if (all) {
+    sets.targets = embedded[0].narrow(1, 1, kContext - 1);
+    sets.anchors = embedded[1].narrow(1, 1, kContext - 1);
+    if (set.has_retain_source) sets.retain = embedded[2];
+  } else {
+    sets.targets = embedded[0].narrow(0, 0, n_targets);
+    sets.anchors = embedded[0].narrow(0, n_targets, n_targets);
     if (set.has_retain_source) {
-      sets.retain = all_rows.narrow(0, 2 * n_targets, all_rows.size(0) - 2 * n_targets);
+      sets.retain = embedded[0].narrow(0, 2 * n_targets, embedded[0].size(0) - 2 * n_targets);
     }
   }
-  sets.empty = detail::embed_rows(emb, {""}, true, "encode", req.progress, done, units)[0];
+  sets.empty = embedded.back()[0];
   // The encoder is done: what it converted goes before the edit allocates (all its weights on a
   // GPU or in float64, ~0.3 GB for CLIP-L; on the CPU in float32 only the small tensors, the
   // block matrices being widened per layer during the forward), and glibc hands the freed blocks

@@ -156,10 +156,10 @@ EvalResult run_eval(const EvalRequest& req) {
   Embedder emb(ckpt, req.tokenizer, eo);
   std::int64_t done = 0;
   auto n_t = static_cast<std::int64_t>(set.targets.size());
-  at::Tensor e = detail::embed_rows(emb, set.targets, false, "targets", req.progress, done, 2 * n_t)
-                     .to(at::kDouble);
-  at::Tensor es = detail::embed_rows(emb, set.anchors, false, "targets", req.progress, done, 2 * n_t)
-                      .to(at::kDouble);
+  const std::vector<at::Tensor> rows = detail::embed_lists(
+      emb, {{&set.targets, false}, {&set.anchors, false}}, "targets", req.progress, done, 2 * n_t);
+  at::Tensor e = rows[0].to(at::kDouble);
+  at::Tensor es = rows[1].to(at::kDouble);
 
   Json jl = Json::array();
   std::vector<double> target_res(layers.size(), 0.0);

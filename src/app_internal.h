@@ -30,10 +30,16 @@ void write_text_atomic(const std::string& path, const std::string& text);
 // A --report PATH must be a writable file path that is neither the model nor the output.
 void check_report_path(const std::string& path, const std::vector<std::string>& taken);
 
-// Rows of `prompts` ([N, d] last-subject or [N, 77, d] all-tokens), in chunks that report
+// A list of prompts to embed: last-subject rows ([N, d]) or all tokens ([N, 77, d]).
+struct PromptList {
+  const std::vector<std::string>* prompts = nullptr;
+  bool all_tokens = false;
+};
+// The rows of each list. The lists are embedded together, in calls of at most 4,096 prompts
+// (each one pass over the encoder weights, whatever the lists and modes in it) that report
 // progress (`done` of `total` prompts).
-at::Tensor embed_rows(Embedder& emb, const std::vector<std::string>& prompts, bool all_tokens,
-                      const std::string& stage, const ProgressFn& progress, std::int64_t& done,
-                      std::int64_t total);
+std::vector<at::Tensor> embed_lists(Embedder& emb, const std::vector<PromptList>& lists,
+                                    const std::string& stage, const ProgressFn& progress,
+                                    std::int64_t& done, std::int64_t total);
 
 }  // namespace speed::detail

@@ -59,27 +59,34 @@ at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::in
 // run on the rows of all batches packed into one [M, W] matrix (one pass over the weights for
 // the whole call), attention runs per batch. Each row depends only on its own prompt (and the
 // prefix). When `capture` is set (one batch only), records each layer's keys and values.
-std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at::Tensor>& ids_in,
-                            const std::vector<const TextEncoder::Prefix*>& prefixes,
+std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<TextEncoder::Input>& in,
                             TextEncoder::Prefix* capture) {
   c10::InferenceMode guard;
   SPEED_CHECK(impl.options.weights, "text encoder '{}' was loaded for validation only (no weights)",
               impl.info.prefix);
-  SPEED_CHECK(!capture || ids_in.size() == 1, "prefix capture takes one batch, got {}",
-              ids_in.size());
-  SPEED_CHECK(prefixes.empty() || prefixes.size() == ids_in.size(),
-              "{} prefixes for {} id batches", prefixes.size(), ids_in.size());
+  SPEED_CHECK(!capture || in.size() == 1, "prefix capture takes one batch, got {}", in.size());
   const ClipText& m = *impl.model;
-  auto prefix_of = [&](std::size_t g) { return prefixes.empty() ? nullptr : prefixes[g]; };
   const std::int64_t W = impl.info.width, H = impl.heads, D = W / H;
   const auto opts = at::TensorOptions().dtype(impl.dtype).device(impl.device);
-  const std::size_t G = ids_in.size();
-  std::vector<std::int64_t> Bs(G), Ts(G), offs(G + 1, 0);
+  const std::size_t G = in.size();
+  std::vector<std::int64_t> Bs(G), Ts(G), Ps(G), offs(G + 1, 0);
   std::vector<at::Tensor> xs, masks(G);
   for (std::size_t g = 0; g < G; ++g) {
-    const std::int64_t P = prefix_of(g) ? prefix_of(g)->length : 0;
-    const at::Tensor ids = check_ids(ids_in[g], impl.info, P, impl.device);
-    Bs[g] = ids.size(0), Ts[g] = ids.size(1);
+    const TextEncoder::Input& inp = in[g];
+    SPEED_CHECK(inp.after < static_cast<int>(g),
+                "batch {} comes after batch {}: only an earlier batch can precede it", g, inp.after);
+    SPEED_CHECK(inp.after < 0 || !inp.prefix,
+                "batch {} has both a prefix and an earlier batch before it", g);
+    std::int64_t P = inp.prefix ? inp.prefix->length : 0;
+    if (inp.after >= 0) {
+      const auto a = static_cast<std::size_t>(inp.after);
+      SPEED_CHECK(inp.after_row >= 0 && inp.after_row < Bs[a],
+                  "batch {} comes after row {} of batch {}, which has {} rows", g, inp.after_row,
+                  a, Bs[a]);
+      P = Ps[a] + Ts[a];
+    }
+    const at::Tensor ids = check_ids(inp.ids, impl.info, P, impl.device);
+    Bs[g] = ids.size(0), Ts[g] = ids.size(1), Ps[g] = P;
     offs[g + 1] = offs[g] + Bs[g] * Ts[g];
     if (Bs[g] == 0) continue;
     // Gather from the stored-dtype table, then widen only the rows used.
@@ -116,7 +123,7 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
     return buf;
   };
 
-  std::vector<at::Tensor> os;
+  std::vector<at::Tensor> os, keys(G), values(G);  // keys/values [B, H, S, D] of this layer
   for (int l = 0; l < impl.layers_run; ++l) {
     const Block& blk = *m.encoder->layers->blocks[l];
     const Attention& a = *blk.self_attn;
@@ -125,7 +132,7 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
     const at::Tensor qkv_all = dense(h, impl.widen ? weight(0, a.in_src) : a.in_w, a.in_b);  // [M, 3W]
     os.clear();
     for (std::size_t g = 0; g < G; ++g) {
-      const std::int64_t B = Bs[g], T = Ts[g];
+      const std::int64_t B = Bs[g], T = Ts[g], P = Ps[g];
       if (B == 0) continue;
       at::Tensor qkv = qkv_all.narrow(0, offs[g], B * T).view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4});
       at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];  // [B, H, T, D]
@@ -133,11 +140,15 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<at:
         capture->keys.push_back(k.contiguous());
         capture->values.push_back(v.contiguous());
       }
-      if (const TextEncoder::Prefix* pf = prefix_of(g)) {
-        const std::int64_t P = pf->length;
+      if (const TextEncoder::Prefix* pf = in[g].prefix) {
         k = at::cat({pf->keys[l].expand({B, H, P, D}), k}, 2);  // [B, H, S, D]
         v = at::cat({pf->values[l].expand({B, H, P, D}), v}, 2);
+      } else if (in[g].after >= 0) {  // this layer's keys/values of the earlier batch's row
+        const auto a = static_cast<std::size_t>(in[g].after);
+        k = at::cat({keys[a].narrow(0, in[g].after_row, 1).expand({B, H, P, D}), k}, 2);
+        v = at::cat({values[a].narrow(0, in[g].after_row, 1).expand({B, H, P, D}), v}, 2);
       }
+      keys[g] = k, values[g] = v;
       at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(masks[g]);  // [B, H, T, S]
       at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
       os.push_back(o.permute({0, 2, 1, 3}).reshape({B * T, W}));
@@ -170,7 +181,7 @@ TextEncoder::Prefix TextEncoder::encode_prefix(const at::Tensor& ids) const {
               ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
   Prefix p;
   const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(0) : ids;
-  p.states = run(*impl_, {ids2}, {}, &p)[0];
+  p.states = run(*impl_, {Input{ids2}}, &p)[0];
   p.length = ids2.size(1);
   return p;
 }
@@ -186,7 +197,19 @@ std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>&
 
 std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>& ids,
                                                   const std::vector<const Prefix*>& prefixes) const {
-  for (const Prefix* prefix : prefixes) {
+  SPEED_CHECK(prefixes.empty() || prefixes.size() == ids.size(), "{} prefixes for {} id batches",
+              prefixes.size(), ids.size());
+  std::vector<Input> in(ids.size());
+  for (std::size_t g = 0; g < ids.size(); ++g) {
+    in[g].ids = ids[g];
+    in[g].prefix = prefixes.empty() ? nullptr : prefixes[g];
+  }
+  return forward_many(in);
+}
+
+std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<Input>& inputs) const {
+  for (const Input& x : inputs) {
+    const Prefix* prefix = x.prefix;
     if (!prefix) continue;
     SPEED_CHECK(prefix->keys.size() == static_cast<std::size_t>(impl_->layers_run) &&
                     prefix->values.size() == prefix->keys.size(),
@@ -197,14 +220,14 @@ std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<at::Tensor>&
                   "prefix keys have shape {}, expected [1, heads, {}, head_dim]",
                   shape_string(k.sizes()), prefix->length);
   }
-  return run(*impl_, ids, prefixes, nullptr);
+  return run(*impl_, inputs, nullptr);
 }
 
 std::vector<TextEncoder::Prefix> TextEncoder::encode_prefixes(const at::Tensor& ids) const {
   SPEED_CHECK(ids.defined() && ids.dim() == 2, "prefix ids must be [prefixes, tokens], got {}",
               ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
   Prefix all;
-  all.states = run(*impl_, {ids}, {}, &all)[0];
+  all.states = run(*impl_, {Input{ids}}, &all)[0];
   std::vector<Prefix> out(static_cast<std::size_t>(ids.size(0)));
   for (std::int64_t r = 0; r < ids.size(0); ++r) {  // views of row r: no copies
     Prefix& p = out[static_cast<std::size_t>(r)];

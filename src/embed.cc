@@ -52,14 +52,15 @@ struct Embedder::Impl {
   std::int64_t hits = 0, misses = 0;
 
   enum Mode : std::uint32_t { LastSubject = 0, AllTokens = 1 };
-  at::Tensor embed(const std::vector<TokenizedPrompt>& tokens, Mode mode);
+  std::vector<at::Tensor> embed(const std::vector<Request>& requests);
   struct Batch {
+    Mode mode = LastSubject;
     std::int64_t length = 0;  // ids used per prompt (the same for the whole batch)
     std::vector<const TokenizedPrompt*> prompts;
   };
-  // [b, rows, width] for each batch of misses; all batches go through one pass per encoder.
-  std::vector<at::Tensor> run_batches(const std::vector<Batch>& batches, Mode mode,
-                                      std::vector<std::optional<TextEncoder::Prefix>>& sot);
+  // [b, rows, width] for each batch of misses (rows 1 or 77 by the batch's mode); all batches,
+  // and the prefixes they share, go through one pass per encoder.
+  std::vector<at::Tensor> run_batches(const std::vector<Batch>& batches);
 };
 
 Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tokenizer_path,
@@ -167,106 +168,117 @@ at::Tensor Embedder::all_tokens(const std::vector<std::string>& prompts) {
   return all_tokens(tokenize(prompts));
 }
 at::Tensor Embedder::last_subject_rows(const std::vector<TokenizedPrompt>& tokens) {
-  return impl_->embed(tokens, Impl::LastSubject).squeeze(1);
+  return impl_->embed({Request{&tokens, false}})[0];
 }
 at::Tensor Embedder::all_tokens(const std::vector<TokenizedPrompt>& tokens) {
-  return impl_->embed(tokens, Impl::AllTokens);
+  return impl_->embed({Request{&tokens, true}})[0];
+}
+std::vector<at::Tensor> Embedder::embed(const std::vector<Request>& requests) {
+  return impl_->embed(requests);
 }
 
-std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& batches, Mode mode,
-                                                    std::vector<std::optional<TextEncoder::Prefix>>& sot) {
-  // Last-subject rows of prompts that share their first content token (first names, templates
-  // like "a ..."): causal attention makes the [SOT, t1] rows the same for all of them, so such a
-  // group's [SOT, t1] keys and values are computed once and its prompts run from position 2.
-  // Only groups of kMinGroup or more (a group costs its own small attention batches).
+std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& batches) {
+  // Last-subject rows need only the ids up to the subject, and every such prompt starts with
+  // SOT, whose keys/values are the same for all (causal attention): input 0 of the call is the
+  // SOT token alone and the prompts continue after it. Prompts that also share their first
+  // content token (first names, templates like "a ...") continue after [SOT, t1] instead: input
+  // 1 holds one row per such token (after SOT), and they run from position 2. Only tokens shared
+  // by kMinGroup or more prompts (a group costs its own small attention batches). Prefixes and
+  // prompts are computed in the same pass over the weights, layer by layer.
   constexpr std::size_t kMinGroup = 4;
-  std::map<std::int32_t, std::size_t> group_of;  // first content token -> group index
-  std::vector<std::int32_t> group_tokens;
-  if (mode == LastSubject) {
+  std::int32_t sot_id = -1;  // the SOT id, when a last-subject batch is in the call
+  std::map<std::int32_t, std::size_t> group_of;  // first content token -> row of input 1
+  std::vector<std::int64_t> group_tokens;
+  {
     std::map<std::int32_t, std::size_t> count;
-    for (const Batch& batch : batches)
+    for (const Batch& batch : batches) {
+      if (batch.mode != LastSubject) continue;
+      if (sot_id < 0) sot_id = batch.prompts.front()->ids[0];
       if (batch.length >= 3)
-        for (const TokenizedPrompt* t : batch.prompts) ++count[t->ids[1]];
+        for (const TokenizedPrompt* t : batch.prompts)
+          if (t->ids[0] == sot_id) ++count[t->ids[1]];
+    }
     for (const auto& [tok, c] : count)
       if (c >= kMinGroup) group_of.emplace(tok, group_tokens.size()), group_tokens.push_back(tok);
   }
+  constexpr std::size_t kSotInput = 0, kGroupInput = 1;  // inputs of the call
   std::vector<std::vector<at::Tensor>> parts(batches.size());
   for (std::size_t e = 0; e < encoders.size(); ++e) {
     const TextEncoder& enc = *encoders[e];
     const int pad = enc.info().pad_id;
     const std::int64_t ew = enc.info().width;
-    std::vector<TextEncoder::Prefix> group_prefix;
-    if (!group_tokens.empty()) {
-      at::Tensor gid = at::empty({static_cast<std::int64_t>(group_tokens.size()), 2}, at::kLong);
-      auto acc = gid.accessor<std::int64_t, 2>();
-      const std::int32_t sot_id = batches.front().prompts.front()->ids[0];
-      for (std::size_t g = 0; g < group_tokens.size(); ++g) {
-        acc[static_cast<std::int64_t>(g)][0] = sot_id;
-        acc[static_cast<std::int64_t>(g)][1] = group_tokens[g];
+    std::vector<TextEncoder::Input> inputs;
+    if (sot_id >= 0) {
+      inputs.push_back({at::full({1, 1}, sot_id, at::kLong)});
+      if (!group_tokens.empty()) {
+        TextEncoder::Input g{at::tensor(group_tokens, at::kLong).unsqueeze(1)};
+        g.after = static_cast<int>(kSotInput);
+        inputs.push_back(std::move(g));
       }
-      group_prefix = enc.encode_prefixes(gid);
     }
-    // One forward input per (batch, group): the ids after the prefix, its prefix, and where
-    // its rows go (batch, rows within the batch).
+    // One forward input per (batch, prefix): the ids after the prefix, and where its rows go
+    // (batch, rows within the batch). A prompt that is SOT alone ("") has SOT's own row.
     struct Run {
       std::size_t batch;
       std::vector<std::int64_t> rows;
-      const TextEncoder::Prefix* prefix;
-      std::int64_t skip;  // ids covered by the prefix
+      std::size_t input;  // its rows are the last row of each of this input's outputs
     };
     std::vector<Run> runs;
-    std::vector<at::Tensor> ids_list;
-    std::vector<const TextEncoder::Prefix*> prefixes;
     std::vector<at::Tensor> outs_e(batches.size());
     for (std::size_t bi = 0; bi < batches.size(); ++bi) {
       const Batch& batch = batches[bi];
       const auto b = static_cast<std::int64_t>(batch.prompts.size());
       const std::int64_t L = batch.length;
-      if (mode == LastSubject) {
-        // Every prompt starts with SOT: its keys/values are shared by the whole call.
-        if (!sot[e]) sot[e] = enc.encode_prefix(at::tensor({static_cast<std::int64_t>(batch.prompts.front()->ids[0])}, at::kLong));
-        if (L == 1) {
-          outs_e[bi] = sot[e]->states.expand({b, 1, ew});
+      // Rows by what precedes them: 0 nothing, 1 SOT, 2 + g the group prefix g.
+      std::map<std::size_t, std::vector<std::int64_t>> members;
+      for (std::int64_t i = 0; i < b; ++i) {
+        const TokenizedPrompt& t = *batch.prompts[i];
+        std::size_t key = 0;
+        if (batch.mode == LastSubject && t.ids[0] == sot_id) {
+          const auto it = L >= 3 ? group_of.find(t.ids[1]) : group_of.end();
+          key = it == group_of.end() ? 1 : 2 + it->second;
+        }
+        members[key].push_back(i);
+      }
+      for (auto& [key, rows] : members) {
+        if (key == 1 && L == 1) {
+          runs.push_back({bi, std::move(rows), kSotInput});
           continue;
         }
-      }
-      std::map<std::size_t, std::vector<std::int64_t>> members;  // group (or npos) -> rows
-      for (std::int64_t i = 0; i < b; ++i) {
-        const auto it = L >= 3 ? group_of.find(batch.prompts[i]->ids[1]) : group_of.end();
-        members[it == group_of.end() ? std::string::npos : it->second].push_back(i);
-      }
-      for (auto& [g, rows] : members) {
-        Run r{bi, std::move(rows), nullptr, 0};
-        if (mode == LastSubject) {
-          r.prefix = g == std::string::npos ? &*sot[e] : &group_prefix[g];
-          r.skip = r.prefix->length;
+        TextEncoder::Input in;
+        std::int64_t skip = 0;  // ids covered by the prefix
+        if (key == 1) {
+          in.after = static_cast<int>(kSotInput), skip = 1;
+        } else if (key >= 2) {
+          in.after = static_cast<int>(kGroupInput), in.after_row = static_cast<std::int64_t>(key - 2), skip = 2;
         }
-        const auto n = static_cast<std::int64_t>(r.rows.size());
-        at::Tensor ids = at::empty({n, L - r.skip}, at::kLong);
-        auto acc = ids.accessor<std::int64_t, 2>();
+        const auto n = static_cast<std::int64_t>(rows.size());
+        in.ids = at::empty({n, L - skip}, at::kLong);
+        auto acc = in.ids.accessor<std::int64_t, 2>();
         for (std::int64_t i = 0; i < n; ++i) {
-          const TokenizedPrompt& t = *batch.prompts[r.rows[static_cast<std::size_t>(i)]];
+          const TokenizedPrompt& t = *batch.prompts[rows[static_cast<std::size_t>(i)]];
           // Positions past n are padding: each encoder pads with its own id (SDXL: 49407 and 0).
-          for (std::int64_t j = r.skip; j < L; ++j) acc[i][j - r.skip] = j < t.n ? t.ids[j] : pad;
+          for (std::int64_t j = skip; j < L; ++j) acc[i][j - skip] = j < t.n ? t.ids[j] : pad;
         }
-        ids_list.push_back(ids);
-        prefixes.push_back(r.prefix);
-        runs.push_back(std::move(r));
+        runs.push_back({bi, std::move(rows), inputs.size()});
+        inputs.push_back(std::move(in));
       }
     }
-    if (!ids_list.empty()) {
-      const std::vector<at::Tensor> outs = enc.forward_many(ids_list, prefixes);
-      for (std::size_t k = 0; k < runs.size(); ++k) {
-        const Run& r = runs[k];
-        const std::int64_t L = batches[r.batch].length;
-        const at::Tensor o = mode == AllTokens ? outs[k] : outs[k].narrow(1, L - r.skip - 1, 1);
-        if (r.rows.size() == batches[r.batch].prompts.size()) {
+    if (!inputs.empty()) {
+      const std::vector<at::Tensor> outs = enc.forward_many(inputs);
+      for (const Run& r : runs) {
+        const Batch& batch = batches[r.batch];
+        const at::Tensor& out = outs[r.input];
+        const auto n = static_cast<std::int64_t>(r.rows.size());
+        const at::Tensor o = batch.mode == AllTokens ? out
+                             : r.input == kSotInput ? out.expand({n, 1, ew})
+                                                    : out.narrow(1, out.size(1) - 1, 1);
+        if (r.rows.size() == batch.prompts.size()) {
           outs_e[r.batch] = o;  // the whole batch in its own order
           continue;
         }
         if (!outs_e[r.batch].defined()) {
-          outs_e[r.batch] = at::empty({static_cast<std::int64_t>(batches[r.batch].prompts.size()),
-                                       o.size(1), ew},
+          outs_e[r.batch] = at::empty({static_cast<std::int64_t>(batch.prompts.size()), o.size(1), ew},
                                       o.options());
         }
         outs_e[r.batch].index_copy_(0, at::tensor(r.rows, at::kLong).to(o.device()), o);
@@ -283,50 +295,61 @@ std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& ba
   return result;
 }
 
-at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mode mode) {
-  const std::int64_t rows = mode == AllTokens ? kContext : 1;
-  const auto N = static_cast<std::int64_t>(tokens.size());
-  at::Tensor out = at::empty({N, rows, width}, at::TensorOptions().dtype(options.dtype));
-  if (N == 0) return out;
-
-  // Unique id sequences (the rows depend on nothing else), then cache look-ups.
-  std::map<std::vector<std::int32_t>, std::int64_t> index;
-  std::vector<std::int64_t> slot(N);
-  std::vector<CacheKey> keys;
-  std::vector<const TokenizedPrompt*> unique;
-  for (std::int64_t i = 0; i < N; ++i) {
-    const TokenizedPrompt& t = tokens[i];
-    SPEED_CHECK(t.n >= 1 && t.n <= kContext, "tokenized prompt {} has {} ids, expected 1..{}", i,
-                t.n, kContext);
-    const std::int64_t len = mode == AllTokens ? kContext : t.last_subject() + 1;
-    std::vector<std::int32_t> ids(t.ids.begin(), t.ids.begin() + len);
-    auto [it, fresh] = index.emplace(std::move(ids), static_cast<std::int64_t>(unique.size()));
-    if (fresh) {
-      CacheKey k;
-      k.mode = mode;
-      k.elem_size = static_cast<std::uint32_t>(at::elementSize(options.dtype));
-      k.ids = it->first;
-      k.rows = static_cast<std::uint32_t>(rows);
-      k.width = static_cast<std::uint64_t>(width);
-      keys.push_back(std::move(k));
-      unique.push_back(&t);
+std::vector<at::Tensor> Embedder::Impl::embed(const std::vector<Request>& requests) {
+  // Unique id sequences per mode (the rows depend on nothing else), then cache look-ups.
+  struct PerMode {
+    std::map<std::vector<std::int32_t>, std::int64_t> index;
+    std::vector<CacheKey> keys;
+    std::vector<const TokenizedPrompt*> unique;
+    at::Tensor res;  // [U, rows, width]
+  };
+  PerMode per[2];
+  std::vector<std::vector<std::int64_t>> slots(requests.size());
+  std::int64_t N = 0;
+  for (std::size_t r = 0; r < requests.size(); ++r) {
+    SPEED_CHECK(requests[r].tokens != nullptr, "embedding request {} has no prompts", r);
+    const Mode mode = requests[r].all_tokens ? AllTokens : LastSubject;
+    PerMode& pm = per[mode];
+    const std::int64_t rows = mode == AllTokens ? kContext : 1;
+    for (const TokenizedPrompt& t : *requests[r].tokens) {
+      SPEED_CHECK(t.n >= 1 && t.n <= kContext, "tokenized prompt {} has {} ids, expected 1..{}",
+                  slots[r].size(), t.n, kContext);
+      const std::int64_t len = mode == AllTokens ? kContext : t.last_subject() + 1;
+      std::vector<std::int32_t> ids(t.ids.begin(), t.ids.begin() + len);
+      auto [it, fresh] = pm.index.emplace(std::move(ids), static_cast<std::int64_t>(pm.unique.size()));
+      if (fresh) {
+        CacheKey k;
+        k.mode = mode;
+        k.elem_size = static_cast<std::uint32_t>(at::elementSize(options.dtype));
+        k.ids = it->first;
+        k.rows = static_cast<std::uint32_t>(rows);
+        k.width = static_cast<std::uint64_t>(width);
+        pm.keys.push_back(std::move(k));
+        pm.unique.push_back(&t);
+      }
+      slots[r].push_back(it->second);
+      ++N;
     }
-    slot[i] = it->second;
   }
-  const auto U = static_cast<std::int64_t>(unique.size());
-  at::Tensor res = at::empty({U, rows, width}, at::TensorOptions().dtype(options.dtype));
-  std::map<std::int64_t, std::vector<std::int64_t>> by_length;  // misses grouped by ids used
-  for (std::int64_t u = 0; u < U; ++u) {
-    if (cache && cache->get(keys[u], res[u].data_ptr())) {
-      ++hits;
-      continue;
+  // Misses grouped by (mode, ids used).
+  std::map<std::pair<int, std::int64_t>, std::vector<std::int64_t>> by_length;
+  std::int64_t U = 0, found = 0;
+  for (int mode = 0; mode < 2; ++mode) {
+    PerMode& pm = per[mode];
+    const auto n = static_cast<std::int64_t>(pm.unique.size());
+    U += n;
+    pm.res = at::empty({n, mode == AllTokens ? kContext : 1, width}, at::TensorOptions().dtype(options.dtype));
+    for (std::int64_t u = 0; u < n; ++u) {
+      if (cache && cache->get(pm.keys[u], pm.res[u].data_ptr())) {
+        ++hits, ++found;
+        continue;
+      }
+      if (cache) ++misses;
+      by_length[{mode, static_cast<std::int64_t>(pm.keys[u].ids.size())}].push_back(u);
     }
-    if (cache) ++misses;
-    by_length[static_cast<std::int64_t>(keys[u].ids.size())].push_back(u);
   }
 
   if (!by_length.empty()) load_weights();
-  std::vector<std::optional<TextEncoder::Prefix>> sot(encoders.size());
   // Length groups are cut into batches, and batches are packed into calls of at most
   // max_batch_tokens tokens: each call is one pass over the encoder weights.
   std::vector<Batch> call;
@@ -334,25 +357,29 @@ at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mod
   std::int64_t call_tokens = 0;
   auto flush = [&] {
     if (call.empty()) return;
-    const std::vector<at::Tensor> rs = run_batches(call, mode, sot);
+    const std::vector<at::Tensor> rs = run_batches(call);
     for (std::size_t bi = 0; bi < call.size(); ++bi) {
+      PerMode& pm = per[call[bi].mode];
       for (std::size_t m = 0; m < call_members[bi].size(); ++m) {
         const std::int64_t u = call_members[bi][m];
-        res[u].copy_(rs[bi][static_cast<std::int64_t>(m)]);
-        if (cache) cache->put(keys[u], res[u].data_ptr());
+        pm.res[u].copy_(rs[bi][static_cast<std::int64_t>(m)]);
+        if (cache) cache->put(pm.keys[u], pm.res[u].data_ptr());
       }
     }
     call.clear(), call_members.clear(), call_tokens = 0;
   };
-  for (const auto& [L, members] : by_length) {
+  for (const auto& [ml, members] : by_length) {
+    const auto [mode, L] = ml;
+    const PerMode& pm = per[mode];
     std::size_t s = 0;
     while (s < members.size()) {
       const std::int64_t room = std::max<std::int64_t>(1, (options.max_batch_tokens - call_tokens) / L);
       const std::size_t e = std::min(members.size(), s + static_cast<std::size_t>(room));
       Batch batch;
+      batch.mode = static_cast<Mode>(mode);
       batch.length = L;
       std::vector<std::int64_t> us;
-      for (std::size_t m = s; m < e; ++m) batch.prompts.push_back(unique[members[m]]), us.push_back(members[m]);
+      for (std::size_t m = s; m < e; ++m) batch.prompts.push_back(pm.unique[members[m]]), us.push_back(members[m]);
       call_tokens += L * static_cast<std::int64_t>(e - s);
       call.push_back(std::move(batch));
       call_members.push_back(std::move(us));
@@ -361,14 +388,19 @@ at::Tensor Embedder::Impl::embed(const std::vector<TokenizedPrompt>& tokens, Mod
     }
   }
   flush();
-  log().debug("embedded {} prompts ({} unique, {} from cache) in {} length groups", N, U,
-              cache ? hits : 0, by_length.size());
-  if (U == N) {
-    bool identity = true;
-    for (std::int64_t i = 0; i < N && identity; ++i) identity = slot[i] == i;
-    if (identity) return res;
+  log().debug("embedded {} prompts ({} unique, {} from cache) in {} length groups", N, U, found,
+              by_length.size());
+  std::vector<at::Tensor> out;
+  for (std::size_t r = 0; r < requests.size(); ++r) {
+    const Mode mode = requests[r].all_tokens ? AllTokens : LastSubject;
+    const at::Tensor& res = per[mode].res;
+    bool identity = static_cast<std::int64_t>(slots[r].size()) == res.size(0);
+    for (std::size_t i = 0; i < slots[r].size() && identity; ++i)
+      identity = slots[r][i] == static_cast<std::int64_t>(i);
+    at::Tensor o = identity ? res : res.index_select(0, at::tensor(slots[r], at::kLong));
+    out.push_back(mode == AllTokens ? o : o.squeeze(1));
   }
-  return res.index_select(0, at::tensor(slot, at::kLong));
+  return out;
 }
 
 }  // namespace speed

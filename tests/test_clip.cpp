@@ -196,6 +196,60 @@ TEST_CASE("causal prefixes and shared-prefix keys give the full forward's rows",
   CHECK_THROWS_WITH(enc->forward(at::zeros({1, 77}, at::kLong), &pre3), Catch::Contains("exceed"));
 }
 
+TEST_CASE("a batch can continue after a row of an earlier batch of the same call", "[unit]") {
+  const TextEncoderInfo in = small_info();
+  auto enc = TextEncoder::from_tensors(small_weights(in, 3), in);
+  at::Tensor full = ids_tensor({{49, 11, 12, 13, 14, 999, 999},
+                                {49, 21, 22, 23, 999, 999, 999},
+                                {49, 11, 30, 31, 32, 33, 999}});
+  const at::Tensor want = enc->forward(full);
+  std::vector<std::int64_t> v(77, 999);
+  v[0] = 49;
+  const at::Tensor ids77 = ids_tensor({v});
+  const at::Tensor want77 = enc->forward(ids77);
+  // 0: SOT alone; 1: two first tokens after SOT; 2: rows 0 and 2 after [SOT, 11] (row 0 of 1);
+  // 3: row 1 after [SOT, 21]; 4: row 1 after SOT only; 5: a 77-token batch with no prefix.
+  std::vector<TextEncoder::Input> inputs(6);
+  inputs[0].ids = ids_tensor({{49}});
+  inputs[1].ids = ids_tensor({{11}, {21}});
+  inputs[1].after = 0;
+  inputs[2].ids = at::stack({full[0].narrow(0, 2, 5), full[2].narrow(0, 2, 5)});
+  inputs[2].after = 1, inputs[2].after_row = 0;
+  inputs[3].ids = full[1].narrow(0, 2, 5).unsqueeze(0);
+  inputs[3].after = 1, inputs[3].after_row = 1;
+  inputs[4].ids = full[1].narrow(0, 1, 6).unsqueeze(0);
+  inputs[4].after = 0;
+  inputs[5].ids = ids77;
+  const std::vector<at::Tensor> out = enc->forward_many(inputs);
+  REQUIRE(out.size() == 6);
+  check_close(out[0][0], want[0].narrow(0, 0, 1), 1e-5, "SOT row");
+  check_close(out[1][0], want[0].narrow(0, 1, 1), 1e-5, "first token 11 after SOT");
+  check_close(out[1][1], want[1].narrow(0, 1, 1), 1e-5, "first token 21 after SOT");
+  check_close(out[2][0], want[0].narrow(0, 2, 5), 1e-5, "prompt 0 after [SOT, 11]");
+  check_close(out[2][1], want[2].narrow(0, 2, 5), 1e-5, "prompt 2 after [SOT, 11]");
+  check_close(out[3][0], want[1].narrow(0, 2, 5), 1e-5, "prompt 1 after [SOT, 21]");
+  check_close(out[4][0], want[1].narrow(0, 1, 6), 1e-5, "prompt 1 after SOT");
+  check_close(out[5], want77, 1e-5, "77 ids, no prefix");
+  // The same rows whatever else is in the call.
+  const std::vector<at::Tensor> alone = enc->forward_many({inputs[0], inputs[1], inputs[3]});
+  check_close(alone[2], out[3], 1e-5, "fewer batches in the call");
+
+  // Misuse names the batch: a later batch, a row out of range, two prefixes, too many ids.
+  auto bad = inputs;
+  bad[2].after = 2;
+  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("batch 2 comes after batch 2"));
+  bad = inputs;
+  bad[3].after_row = 2;
+  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("after row 2 of batch 1, which has 2 rows"));
+  bad = inputs;
+  const auto pre = enc->encode_prefix(at::tensor({49}, at::kLong));
+  bad[4].prefix = &pre;
+  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("both a prefix and an earlier batch"));
+  bad = inputs;
+  bad[5].after = 0;
+  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("77 token ids after a prefix of 1 exceed"));
+}
+
 TEST_CASE("weights stored as F16/BF16 and widened per layer give the bytes of float32 weights", "[unit]") {
   const TextEncoderInfo in = small_info();
   const auto w = small_weights(in, 5);

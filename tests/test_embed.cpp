@@ -165,6 +165,34 @@ TEST_CASE("prompts sharing their first token: the shared [SOT, t1] prefix gives 
   CHECK(at::equal(together[2], together[9]));
 }
 
+TEST_CASE("several lists in one call, both modes: the rows of each list alone", "[unit]") {
+  const Checkpoint ck = open_checkpoint(kGolden + "fixture_tiny_f32.safetensors");
+  Embedder emb(ck, kMerges);
+  // Lists that share prompts, first tokens (a group of four "a ..." across the lists) and
+  // lengths, across modes; the empty prompt in both modes; an empty list.
+  const std::vector<std::string> a = {"a photo of a cat", "a dog", "Snoopy", "", "a red car"};
+  const std::vector<std::string> b = {"", "Snoopy", "a dog"};
+  const std::vector<std::string> c = {"a painting of a dog", "Barack Obama", "a dog"};
+  const std::vector<std::string> none;
+  const auto ta = emb.tokenize(a), tb = emb.tokenize(b), tc = emb.tokenize(c), tn = emb.tokenize(none);
+  const std::vector<at::Tensor> out =
+      emb.embed({{&ta, false}, {&tb, true}, {&tc, false}, {&tn, true}, {&tb, false}});
+  REQUIRE(out.size() == 5);
+  EmbedOptions one;  // one prompt per call, each list alone
+  one.max_batch_tokens = 1;
+  Embedder emb1(ck, kMerges, one);
+  check_close(out[0], emb1.last_subject_rows(a), 1e-5, "list a, last subject");
+  check_close(out[1], emb1.all_tokens(b), 1e-5, "list b, all tokens");
+  check_close(out[2], emb1.last_subject_rows(c), 1e-5, "list c, last subject");
+  CHECK(out[3].sizes() == at::IntArrayRef({0, 77, 128}));
+  check_close(out[4], emb1.last_subject_rows(b), 1e-5, "list b, last subject");
+  // The empty prompt's last-subject row is its SOT row, the first of its 77.
+  check_close(out[0][3], out[1][0][0], 1e-5, "\"\" last subject vs all tokens row 0");
+  // A prompt in two lists of the same mode is computed once: the same bytes.
+  CHECK(at::equal(out[0][1], out[2][2]));
+  CHECK(at::equal(out[4][0], out[0][3]));
+}
+
 TEST_CASE("embedding cache: miss, hit, corruption detected and recomputed", "[unit]") {
   TempDir tmp;
   const Checkpoint ck = open_checkpoint(kGolden + "fixture_tiny_f32.safetensors");

@@ -81,6 +81,17 @@ class TextEncoder {
   // The same with one prefix (or nullptr) per batch, of any lengths, still in one pass.
   std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& ids,
                                        const std::vector<const Prefix*>& prefixes) const;
+  // One batch of a forward_many call and what comes before its ids: nothing, a prefix computed
+  // earlier, or row `after_row` of an earlier batch of the same call (`after` = its index), whose
+  // keys and values are then taken layer by layer as the pass goes. Prefixes and the prompts
+  // after them thus share one pass over the weights (a prefix's own rows are its batch's output).
+  struct Input {
+    at::Tensor ids;                   // [B, T]
+    const Prefix* prefix = nullptr;   // or:
+    int after = -1;                   // an earlier input of the same call (B >= 1) ...
+    std::int64_t after_row = 0;       // ... and which of its rows precedes these ids
+  };
+  std::vector<at::Tensor> forward_many(const std::vector<Input>& inputs) const;
   // ids [R, T]: R prefixes of T tokens each in one pass (views into shared storage).
   std::vector<Prefix> encode_prefixes(const at::Tensor& ids) const;
 

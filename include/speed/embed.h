@@ -57,6 +57,14 @@ class Embedder {
   // The same from already tokenized prompts (ids as tokenized with pad_id()).
   at::Tensor last_subject_rows(const std::vector<TokenizedPrompt>& tokens);
   at::Tensor all_tokens(const std::vector<TokenizedPrompt>& tokens);
+  // Several lists in one call, hence one pass over the encoder weights for all of them (and for
+  // the prefixes they share): for each, what last_subject_rows ([N, d]) or all_tokens
+  // ([N, 77, d]) would return for it alone (up to float rounding).
+  struct Request {
+    const std::vector<TokenizedPrompt>* tokens = nullptr;
+    bool all_tokens = false;
+  };
+  std::vector<at::Tensor> embed(const std::vector<Request>& requests);
 
   // Whether the encoder weights were converted for a forward pass (false while every prompt
   // came from the cache).
