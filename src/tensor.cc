@@ -1,6 +1,8 @@
 // safetensors TensorInfo <-> at::Tensor.
 #include "speed/tensor.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <cstring>
 
@@ -164,14 +166,27 @@ void widen_into(const at::Tensor& src, const at::Tensor& dst) {
   const auto n = static_cast<std::size_t>(src.numel());
   const auto* s = static_cast<const std::uint16_t*>(src.data_ptr());
   float* d = dst.data_ptr<float>();
-  if (src.scalar_type() == at::kHalf) {
-    half_to_float_f16c(s, d, n);
-  } else {  // bfloat16 is the upper half of a float32
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::uint32_t bits = static_cast<std::uint32_t>(s[i]) << 16;
-      std::memcpy(d + i, &bits, sizeof bits);
+  const bool half = src.scalar_type() == at::kHalf;
+  auto widen = [&](std::size_t i0, std::size_t i1) {
+    if (half) {
+      half_to_float_f16c(s + i0, d + i0, i1 - i0);
+    } else {  // bfloat16 is the upper half of a float32
+      for (std::size_t i = i0; i < i1; ++i) {
+        const std::uint32_t bits = static_cast<std::uint32_t>(s[i]) << 16;
+        std::memcpy(d + i, &bits, sizeof bits);
+      }
     }
+  };
+  // A weight matrix (CLIP-L's are 0.6-2.4M elements) is cut into 256K-element pieces over
+  // LibTorch's threads: the conversion is element by element, so the bytes never depend on it.
+  constexpr std::size_t kPiece = std::size_t{1} << 18;
+  const int threads = at::get_num_threads();
+  if (n < 2 * kPiece || threads <= 1) {
+    widen(0, n);
+    return;
   }
+  run_tasks((n + kPiece - 1) / kPiece, threads,
+            [&](std::size_t p) { widen(p * kPiece, std::min(n, (p + 1) * kPiece)); });
 }
 
 TensorBytes tensor_bytes(std::string name, const at::Tensor& t) {

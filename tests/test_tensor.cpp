@@ -105,14 +105,19 @@ TEST_CASE("widening F16/BF16 is exact and reads the mapping directly", "[unit]")
 }
 
 TEST_CASE("widen_into is exact for every F16 and BF16 bit pattern, and copies other dtypes", "[unit]") {
-  // All 65,536 bit patterns (subnormals, ±0, ±inf, NaNs), plus an odd tail past the 8-wide loop.
-  at::Tensor bits = at::arange(0, 65536 + 5, at::kInt).remainder(65536).to(at::kShort);
-  for (const auto dt : {at::kHalf, at::kBFloat16}) {
-    INFO(dt);
+  // All 65,536 bit patterns (subnormals, ±0, ±inf, NaNs) nine times over, plus an odd tail past
+  // the 8-wide loop: 589,829 elements, enough to be cut into pieces over threads.
+  at::Tensor bits = at::arange(0, 9 * 65536 + 5, at::kInt).remainder(65536).to(at::kShort);
+  const int saved_threads = at::get_num_threads();
+  for (const auto& [dt, threads] : std::vector<std::pair<at::ScalarType, int>>{
+           {at::kHalf, 1}, {at::kHalf, 2}, {at::kHalf, 3}, {at::kBFloat16, 1}, {at::kBFloat16, 2}}) {
+    INFO(dt << ", " << threads << " thread(s)");
+    at::set_num_threads(threads);
     const at::Tensor src = bits.view(dt);  // same bytes, reinterpreted
     const at::Tensor want = src.to(at::kFloat);
     at::Tensor got = at::full({src.numel()}, 7.0f);
     widen_into(src, got);
+    at::set_num_threads(saved_threads);
     // Bit-for-bit, NaNs included (at::equal would call NaN != NaN).
     const at::Tensor gi = got.view(at::kInt), wi = want.view(at::kInt);
     const at::Tensor nan = at::isnan(want);
