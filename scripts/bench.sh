@@ -40,14 +40,11 @@ dir="${SPEED_BENCH_DIR:-${TMPDIR:-/tmp}/speed-bench}"
 data="${SPEED_DATA_DIR:-$(cd .. && pwd)/shared/data/speed}"
 merges="${SPEED_MERGES:-$(cd .. && pwd)/shared/data/clip/bpe_simple_vocab_16e6.txt.gz}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-# The launcher's malloc default too, for the programs run here without it (the replay, the
-# generator), so that the replay ratio compares like with like (src/launch/main.cc).
-export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
 export SPEED_BENCH_DIR="$dir"
 mkdir -p "$dir/out" "$dir/runs"
 
 [ -n "${SPEED_BENCH_NO_BUILD:-}" ] || ninja -C "$build" -j2 speed-erase test_embed >/dev/null
-echo "== speed-erase bench $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), OMP_WAIT_POLICY=$OMP_WAIT_POLICY, GLIBC_TUNABLES=$GLIBC_TUNABLES, OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset}"
+echo "== speed-erase bench $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), OMP_WAIT_POLICY=$OMP_WAIT_POLICY, GLIBC_TUNABLES=${GLIBC_TUNABLES:-unset}, OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset}"
 "$build/tests/test_embed" "[.synth]" | grep -e '^wrote' -e '^synthetic' || true
 model="$dir/sd1-full-f16.safetensors"
 model_mb=$(( $(stat -c %s "$model") / 1000000 ))

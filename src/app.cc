@@ -359,8 +359,8 @@ RunResult run_erase(const EraseRequest& req) {
   report["concepts"] = concepts_json(set, req.concepts.retain_sources);
   report["device"] = res.device;
   report["threads"] = at::get_num_threads();
-  // libgomp's idle-thread policy and glibc's malloc tunables, as this process read them (the
-  // launcher sets PASSIVE and adds glibc.malloc.hugetlb=1 unless the user chose: src/launch/).
+  // libgomp's idle-thread policy and glibc's tunables, as this process read them (the launcher
+  // sets PASSIVE unless the user chose a policy, and leaves GLIBC_TUNABLES alone: src/launch/).
   report["omp_wait_policy"] = env_or_null("OMP_WAIT_POLICY");
   report["glibc_tunables"] = env_or_null("GLIBC_TUNABLES");
   // The kernels OpenBLAS runs: the same inputs give other bytes with other kernels.

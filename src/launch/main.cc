@@ -1,7 +1,7 @@
-// speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy
-// and glibc's malloc tunables, then executes the real program, speed-erase-cli (the
-// subcommands, libspeed and LibTorch). Both settings are read once, when the program starts, so
-// only a process that runs before it can choose them for its users.
+// speed-erase launcher: a small executable, free of LibTorch, that sets the OpenMP wait policy,
+// then executes the real program, speed-erase-cli (the subcommands, libspeed and LibTorch). The
+// policy is read once, when the program starts, so only a process that runs before it can choose
+// it for its users.
 //
 // Why a separate executable: libgomp, which LibTorch's CPU kernels use, reads OMP_WAIT_POLICY
 // once, in its initialiser. Linked into the executable it is initialised before main() runs, and
@@ -15,15 +15,13 @@
 // loading it as a module with dlopen made LeakSanitizer's exit-time scan crash on the modules'
 // dynamic TLS in sanitizer builds.
 //
-// glibc.malloc.hugetlb=1 (glibc >= 2.35; older versions ignore it) makes malloc ask for
-// transparent huge pages (madvise MADV_HUGEPAGE) on its heap and its mmap'd blocks, for kernels
-// whose THP mode is "madvise" (Debian's and this project's machines). A cold celebrity-100 run
-// then converted the text encoder to ~490 MB of float32 and built its activations in fresh
-// memory: with 4 KiB pages that was ~157,000 page faults, 1.2-1.6 s of system time. With huge
-// pages it was ~13,000 faults, and the run 0.5-1.0 s shorter, with the same output bytes
-// (docs/performance.md, sixth session; since the seventh, the encoder's block matrices are no
-// longer copied at all). A GLIBC_TUNABLES the user set is kept; the tunable is
-// appended unless it already names glibc.malloc.hugetlb.
+// GLIBC_TUNABLES is left as the user set it. From the sixth to the eighth session the launcher
+// added glibc.malloc.hugetlb=1 (transparent huge pages for malloc): 0.5-1.0 s faster on that
+// session's machine, where 4 KiB page faults were dear. On the ninth session's machine a fresh
+// 2 MiB page costs 4-5 times what 512 fresh 4 KiB pages cost (the host backs it on first touch),
+// and the same runs were 0.2-0.6 s faster without it, cold and warm (docs/performance.md, ninth
+// session). Which page size is cheaper depends on the host, so the default is glibc's own; a user
+// whose machine favours huge pages sets GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -65,24 +63,12 @@ std::vector<std::string> candidates() {
   return c;
 }
 
-void default_malloc_tunables() {
-  static constexpr char kHugetlb[] = "glibc.malloc.hugetlb";
-  const char* current = std::getenv("GLIBC_TUNABLES");
-  if (current == nullptr || *current == '\0') {
-    ::setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", 1);
-    return;
-  }
-  if (std::strstr(current, kHugetlb) != nullptr) return;  // the user's choice
-  ::setenv("GLIBC_TUNABLES", (std::string(current) + ":" + kHugetlb + "=1").c_str(), 1);
-}
-
 }  // namespace
 
 int main(int /*argc*/, char** argv) {
   // Overwrite = 0: a policy the user chose is kept (and libgomp's GOMP_SPINCOUNT, if set, still
   // takes precedence over the policy).
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
-  default_malloc_tunables();
 
   std::string tried;
   for (const std::string& path : candidates()) {
