@@ -359,10 +359,11 @@ RunResult run_erase(const EraseRequest& req) {
   report["concepts"] = concepts_json(set, req.concepts.retain_sources);
   report["device"] = res.device;
   report["threads"] = at::get_num_threads();
-  // libgomp's idle-thread policy and glibc's tunables, as this process read them (the launcher
-  // sets PASSIVE unless the user chose a policy, and leaves GLIBC_TUNABLES alone: src/launch/).
+  // libgomp's idle-thread policy and glibc's tunables, as this process read them, and the page
+  // fault cost the launcher timed to choose malloc's page size (src/launch/main.cc).
   report["omp_wait_policy"] = env_or_null("OMP_WAIT_POLICY");
   report["glibc_tunables"] = env_or_null("GLIBC_TUNABLES");
+  report["page_fault_us"] = number_env_or_null("SPEED_ERASE_PAGE_FAULT_US");
   // The kernels OpenBLAS runs: the same inputs give other bytes with other kernels.
   const std::string core = blas_core();
   report["blas_core"] = core.empty() ? Json(nullptr) : Json(core);

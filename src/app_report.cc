@@ -36,6 +36,14 @@ Json env_or_null(const char* name) {
   return value != nullptr ? Json(value) : Json(nullptr);
 }
 
+Json number_env_or_null(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return Json(nullptr);
+  char* end = nullptr;
+  const double v = std::strtod(value, &end);
+  return *end == '\0' && std::isfinite(v) ? Json(v) : Json(nullptr);
+}
+
 Json input_json(const Checkpoint& ckpt, const InputFingerprint& fp) {
   Json j;
   j["path"] = ckpt.path;
@@ -121,7 +129,7 @@ const std::vector<std::string>& volatile_report_keys() {
   static const std::vector<std::string> keys = {"timings",         "cache",
                                                 "output",          "threads",
                                                 "omp_wait_policy", "glibc_tunables",
-                                                "blas_core"};
+                                                "page_fault_us",   "blas_core"};
   return keys;
 }
 

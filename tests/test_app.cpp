@@ -207,7 +207,7 @@ TEST_CASE("erase e2e: instance_iec3 reproduces the golden edit; every format agr
   }
   Json embedded = Json::parse(*out->metadata_value(kReportMetadataKey));
   CHECK(embedded["layers"] == rep["layers"]);
-  for (const char* key : {"timings", "threads", "omp_wait_policy", "glibc_tunables", "blas_core"}) {
+  for (const char* key : {"timings", "threads", "omp_wait_policy", "glibc_tunables", "page_fault_us", "blas_core"}) {
     INFO("embedded report key " << key);
     CHECK_FALSE(embedded.contains(key));
   }
@@ -374,23 +374,47 @@ TEST_CASE("OpenMP: libgomp's wait policy is PASSIVE unless the user chose one", 
   }
 }
 
-TEST_CASE("launcher: GLIBC_TUNABLES reaches the program as the user set it, or not at all",
+TEST_CASE("launcher: malloc's page size from the timed page-fault cost, unless the user chose it",
           "[e2e]") {
   TempDir tmp;
   const std::vector<std::string> args = report_only_run(tmp.path);
+  {  // Timed here: the tunable follows the figure the launcher passed on.
+    Run r = run(args, tmp.path, "env -u GLIBC_TUNABLES -u SPEED_ERASE_PAGE_FAULT_US ");
+    INFO("stderr: " << r.err);
+    REQUIRE(r.rc == 0);
+    const Json rep = Json::parse(r.out);
+    REQUIRE(rep["page_fault_us"].is_number());
+    const double us = rep["page_fault_us"].get<double>();
+    INFO("page fault " << us << " us");
+    CHECK(us > 0);
+    CHECK(us < 1e5);
+    CHECK(rep["glibc_tunables"] == (us > 8.0 ? Json("glibc.malloc.hugetlb=1") : Json(nullptr)));
+  }
   struct Case {
     std::string env;
-    Json want;
+    Json tunables, us;
   };
   for (const Case& c :
-       {Case{"env -u GLIBC_TUNABLES ", Json(nullptr)},
-        Case{"env GLIBC_TUNABLES= ", Json("")},
-        Case{"env GLIBC_TUNABLES=glibc.malloc.arena_max=2 ", Json("glibc.malloc.arena_max=2")},
-        Case{"env GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ", Json("glibc.malloc.hugetlb=1")}}) {
+       {// A figure already given is used instead of timing: above 8 us, huge pages.
+        Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=13 ", Json("glibc.malloc.hugetlb=1"), Json(13.0)},
+        Case{"env GLIBC_TUNABLES= SPEED_ERASE_PAGE_FAULT_US=13 ", Json("glibc.malloc.hugetlb=1"), Json(13.0)},
+        Case{"env GLIBC_TUNABLES=glibc.malloc.arena_max=2 SPEED_ERASE_PAGE_FAULT_US=13 ",
+             Json("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"), Json(13.0)},
+        Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=2.5 ", Json(nullptr), Json(2.5)},
+        Case{"env GLIBC_TUNABLES=glibc.malloc.arena_max=2 SPEED_ERASE_PAGE_FAULT_US=2.5 ",
+             Json("glibc.malloc.arena_max=2"), Json(2.5)},
+        Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=fast ", Json(nullptr), Json(nullptr)},
+        // The user's own choice of the tunable is kept, and nothing is timed.
+        Case{"env -u SPEED_ERASE_PAGE_FAULT_US GLIBC_TUNABLES=glibc.malloc.hugetlb=0 ",
+             Json("glibc.malloc.hugetlb=0"), Json(nullptr)},
+        Case{"env SPEED_ERASE_PAGE_FAULT_US=13 GLIBC_TUNABLES=glibc.malloc.hugetlb=0 ",
+             Json("glibc.malloc.hugetlb=0"), Json(13.0)}}) {
     Run r = run(args, tmp.path, c.env);
     INFO(c.env << "-> stderr: " << r.err);
     REQUIRE(r.rc == 0);
-    CHECK(Json::parse(r.out)["glibc_tunables"] == c.want);
+    const Json rep = Json::parse(r.out);
+    CHECK(rep["glibc_tunables"] == c.tunables);
+    CHECK(rep["page_fault_us"] == c.us);
   }
 }
 

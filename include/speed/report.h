@@ -42,6 +42,8 @@ nlohmann::ordered_json number_or_null(double v);
 
 // An environment variable as this process sees it: its value, or null when it is unset.
 nlohmann::ordered_json env_or_null(const char* name);
+// The variable's value as a number; null when unset, empty or not a finite number.
+nlohmann::ordered_json number_env_or_null(const char* name);
 
 // The keys of a full report that are left out of the copy embedded in the outputs.
 const std::vector<std::string>& volatile_report_keys();
