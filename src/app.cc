@@ -84,13 +84,15 @@ std::vector<at::Tensor> embed_lists(Embedder& emb, const std::vector<PromptList>
       const std::vector<std::string>& p = *lists[li].prompts;
       const std::size_t take = std::min(kChunk - n, p.size() - pos);
       const auto first = p.begin() + static_cast<std::ptrdiff_t>(pos);
-      tokens.push_back(emb.tokenize(std::vector<std::string>(first, first + static_cast<std::ptrdiff_t>(take))));
+      const auto last = first + static_cast<std::ptrdiff_t>(take);
+      tokens.push_back(emb.tokenize(std::vector<std::string>(first, last)));
       owner.push_back(li);
       n += take, pos += take;
       skip_finished();
     }
     std::vector<Embedder::Request> requests;
-    for (std::size_t k = 0; k < tokens.size(); ++k) requests.push_back({&tokens[k], lists[owner[k]].all_tokens});
+    for (std::size_t k = 0; k < tokens.size(); ++k)
+      requests.push_back({&tokens[k], lists[owner[k]].all_tokens});
     std::vector<at::Tensor> rows = emb.embed(requests);
     for (std::size_t k = 0; k < rows.size(); ++k) parts[owner[k]].push_back(std::move(rows[k]));
     done += static_cast<std::int64_t>(n);
@@ -99,7 +101,8 @@ std::vector<at::Tensor> embed_lists(Embedder& emb, const std::vector<PromptList>
   std::vector<at::Tensor> out;
   for (std::size_t i = 0; i < lists.size(); ++i) {
     if (parts[i].empty()) {
-      out.push_back(lists[i].all_tokens ? at::empty({0, kContext, emb.width()}) : at::empty({0, emb.width()}));
+      out.push_back(lists[i].all_tokens ? at::empty({0, kContext, emb.width()})
+                                        : at::empty({0, emb.width()}));
     } else {
       out.push_back(parts[i].size() == 1 ? parts[i][0] : at::cat(parts[i], 0));
     }

@@ -59,7 +59,8 @@ at::Tensor check_ids(const at::Tensor& ids, const TextEncoderInfo& info, std::in
 // run on the rows of all batches packed into one [M, W] matrix (one pass over the weights for
 // the whole call), attention runs per batch. Each row depends only on its own prompt (and the
 // prefix). When `capture` is set (one batch only), records each layer's keys and values.
-std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<TextEncoder::Input>& in,
+std::vector<at::Tensor> run(const TextEncoder::Impl& impl,
+                            const std::vector<TextEncoder::Input>& in,
                             TextEncoder::Prefix* capture) {
   c10::InferenceMode guard;
   SPEED_CHECK(impl.options.weights, "text encoder '{}' was loaded for validation only (no weights)",
@@ -74,7 +75,8 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl, const std::vector<Tex
   for (std::size_t g = 0; g < G; ++g) {
     const TextEncoder::Input& inp = in[g];
     SPEED_CHECK(inp.after < static_cast<int>(g),
-                "batch {} comes after batch {}: only an earlier batch can precede it", g, inp.after);
+                "batch {} comes after batch {}: only an earlier batch can precede it", g,
+                inp.after);
     SPEED_CHECK(inp.after < 0 || !inp.prefix,
                 "batch {} has both a prefix and an earlier batch before it", g);
     std::int64_t P = inp.prefix ? inp.prefix->length : 0;

@@ -88,7 +88,8 @@ Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tok
   // builds the tokenizer from its merges (~0.07 s for CLIP's); its errors surface here after.
   std::future<ClipTokenizer> tokenizer;
   try {
-    tokenizer = std::async(std::launch::async, [&tokenizer_file] { return ClipTokenizer::load(tokenizer_file); });
+    tokenizer = std::async(std::launch::async,
+                           [&tokenizer_file] { return ClipTokenizer::load(tokenizer_file); });
   } catch (const std::system_error&) {  // no thread to be had: one after the other
   }
   impl_->cache = std::make_unique<EmbedCache>(*options.cache_dir, weights_hash());
@@ -234,7 +235,7 @@ std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& ba
     struct Run {
       std::size_t batch;
       std::vector<std::int64_t> rows;
-      std::size_t input;  // its rows are the last row of each of this input's outputs
+      std::size_t input;  // whose outputs are these prompts' rows (last-subject: each last row)
     };
     std::vector<Run> runs;
     std::vector<at::Tensor> outs_e(batches.size());
@@ -263,7 +264,8 @@ std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& ba
         if (key == 1) {
           in.after = static_cast<int>(kSotInput), skip = 1;
         } else if (key >= 2) {
-          in.after = static_cast<int>(kGroupInput), in.after_row = static_cast<std::int64_t>(key - 2), skip = 2;
+          in.after = static_cast<int>(kGroupInput);
+          in.after_row = static_cast<std::int64_t>(key - 2), skip = 2;
         }
         const auto n = static_cast<std::int64_t>(rows.size());
         in.ids = at::empty({n, L - skip}, at::kLong);
@@ -291,8 +293,8 @@ std::vector<at::Tensor> Embedder::Impl::run_batches(const std::vector<Batch>& ba
           continue;
         }
         if (!outs_e[r.batch].defined()) {
-          outs_e[r.batch] = at::empty({static_cast<std::int64_t>(batch.prompts.size()), o.size(1), ew},
-                                      o.options());
+          const auto b = static_cast<std::int64_t>(batch.prompts.size());
+          outs_e[r.batch] = at::empty({b, o.size(1), ew}, o.options());
         }
         outs_e[r.batch].index_copy_(0, at::tensor(r.rows, at::kLong).to(o.device()), o);
       }
@@ -329,7 +331,8 @@ std::vector<at::Tensor> Embedder::Impl::embed(const std::vector<Request>& reques
                   slots[r].size(), t.n, kContext);
       const std::int64_t len = mode == AllTokens ? kContext : t.last_subject() + 1;
       std::vector<std::int32_t> ids(t.ids.begin(), t.ids.begin() + len);
-      auto [it, fresh] = pm.index.emplace(std::move(ids), static_cast<std::int64_t>(pm.unique.size()));
+      const auto next = static_cast<std::int64_t>(pm.unique.size());
+      auto [it, fresh] = pm.index.emplace(std::move(ids), next);
       if (fresh) {
         CacheKey k;
         k.mode = mode;
@@ -351,7 +354,8 @@ std::vector<at::Tensor> Embedder::Impl::embed(const std::vector<Request>& reques
     PerMode& pm = per[mode];
     const auto n = static_cast<std::int64_t>(pm.unique.size());
     U += n;
-    pm.res = at::empty({n, mode == AllTokens ? kContext : 1, width}, at::TensorOptions().dtype(options.dtype));
+    pm.res = at::empty({n, mode == AllTokens ? kContext : 1, width},
+                       at::TensorOptions().dtype(options.dtype));
     for (std::int64_t u = 0; u < n; ++u) {
       if (cache && cache->get(pm.keys[u], pm.res[u].data_ptr())) {
         ++hits, ++found;
@@ -392,7 +396,10 @@ std::vector<at::Tensor> Embedder::Impl::embed(const std::vector<Request>& reques
       batch.mode = static_cast<Mode>(mode);
       batch.length = L;
       std::vector<std::int64_t> us;
-      for (std::size_t m = s; m < e; ++m) batch.prompts.push_back(pm.unique[members[m]]), us.push_back(members[m]);
+      for (std::size_t m = s; m < e; ++m) {
+        batch.prompts.push_back(pm.unique[members[m]]);
+        us.push_back(members[m]);
+      }
       call_tokens += L * static_cast<std::int64_t>(e - s);
       call.push_back(std::move(batch));
       call_members.push_back(std::move(us));

@@ -207,7 +207,8 @@ TEST_CASE("erase e2e: instance_iec3 reproduces the golden edit; every format agr
   }
   Json embedded = Json::parse(*out->metadata_value(kReportMetadataKey));
   CHECK(embedded["layers"] == rep["layers"]);
-  for (const char* key : {"timings", "threads", "omp_wait_policy", "glibc_tunables", "page_fault_us", "blas_core"}) {
+  for (const char* key : {"timings", "threads", "omp_wait_policy", "glibc_tunables",
+                          "page_fault_us", "blas_core"}) {
     INFO("embedded report key " << key);
     CHECK_FALSE(embedded.contains(key));
   }
@@ -396,8 +397,10 @@ TEST_CASE("launcher: malloc's page size from the timed page-fault cost, unless t
   };
   for (const Case& c :
        {// A figure already given is used instead of timing: above 8 us, huge pages.
-        Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=13 ", Json("glibc.malloc.hugetlb=1"), Json(13.0)},
-        Case{"env GLIBC_TUNABLES= SPEED_ERASE_PAGE_FAULT_US=13 ", Json("glibc.malloc.hugetlb=1"), Json(13.0)},
+        Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=13 ",
+             Json("glibc.malloc.hugetlb=1"), Json(13.0)},
+        Case{"env GLIBC_TUNABLES= SPEED_ERASE_PAGE_FAULT_US=13 ", Json("glibc.malloc.hugetlb=1"),
+             Json(13.0)},
         Case{"env GLIBC_TUNABLES=glibc.malloc.arena_max=2 SPEED_ERASE_PAGE_FAULT_US=13 ",
              Json("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"), Json(13.0)},
         Case{"env -u GLIBC_TUNABLES SPEED_ERASE_PAGE_FAULT_US=2.5 ", Json(nullptr), Json(2.5)},

@@ -240,14 +240,16 @@ TEST_CASE("a batch can continue after a row of an earlier batch of the same call
   CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("batch 2 comes after batch 2"));
   bad = inputs;
   bad[3].after_row = 2;
-  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("after row 2 of batch 1, which has 2 rows"));
+  CHECK_THROWS_WITH(enc->forward_many(bad),
+                    Catch::Contains("after row 2 of batch 1, which has 2 rows"));
   bad = inputs;
   const auto pre = enc->encode_prefix(at::tensor({49}, at::kLong));
   bad[4].prefix = &pre;
   CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("both a prefix and an earlier batch"));
   bad = inputs;
   bad[5].after = 0;
-  CHECK_THROWS_WITH(enc->forward_many(bad), Catch::Contains("77 token ids after a prefix of 1 exceed"));
+  CHECK_THROWS_WITH(enc->forward_many(bad),
+                    Catch::Contains("77 token ids after a prefix of 1 exceed"));
 }
 
 TEST_CASE("weights stored as F16/BF16 and widened per layer give the bytes of float32 weights", "[unit]") {

@@ -174,7 +174,8 @@ TEST_CASE("several lists in one call, both modes: the rows of each list alone", 
   const std::vector<std::string> b = {"", "Snoopy", "a dog"};
   const std::vector<std::string> c = {"a painting of a dog", "Barack Obama", "a dog"};
   const std::vector<std::string> none;
-  const auto ta = emb.tokenize(a), tb = emb.tokenize(b), tc = emb.tokenize(c), tn = emb.tokenize(none);
+  const auto ta = emb.tokenize(a), tb = emb.tokenize(b), tc = emb.tokenize(c);
+  const auto tn = emb.tokenize(none);
   const std::vector<at::Tensor> out =
       emb.embed({{&ta, false}, {&tb, true}, {&tc, false}, {&tn, true}, {&tb, false}});
   REQUIRE(out.size() == 5);

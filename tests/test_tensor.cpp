@@ -110,7 +110,11 @@ TEST_CASE("widen_into is exact for every F16 and BF16 bit pattern, and copies ot
   at::Tensor bits = at::arange(0, 9 * 65536 + 5, at::kInt).remainder(65536).to(at::kShort);
   const int saved_threads = at::get_num_threads();
   for (const auto& [dt, threads] : std::vector<std::pair<at::ScalarType, int>>{
-           {at::kHalf, 1}, {at::kHalf, 2}, {at::kHalf, 3}, {at::kBFloat16, 1}, {at::kBFloat16, 2}}) {
+           {at::kHalf, 1},
+           {at::kHalf, 2},
+           {at::kHalf, 3},
+           {at::kBFloat16, 1},
+           {at::kBFloat16, 2}}) {
     INFO(dt << ", " << threads << " thread(s)");
     at::set_num_threads(threads);
     const at::Tensor src = bits.view(dt);  // same bytes, reinterpreted

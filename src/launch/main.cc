@@ -116,7 +116,8 @@ void choose_malloc_pages() {
   if (!(us > kHugePagesAboveUs)) return;
   const std::string tunable = std::string(kHugetlb) + "=1";
   ::setenv("GLIBC_TUNABLES",
-           current == nullptr || *current == '\0' ? tunable.c_str() : (std::string(current) + ":" + tunable).c_str(),
+           current == nullptr || *current == '\0' ? tunable.c_str()
+                                                  : (std::string(current) + ":" + tunable).c_str(),
            1);
 }
 
