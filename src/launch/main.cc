@@ -109,6 +109,7 @@ void choose_malloc_pages() {
     if (end == given || *end != '\0') us = -1;
   } else {
     us = page_fault_us();
+    if (us < 0) return;  // not measurable (no memory to map): glibc's default
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.2f", us);
     ::setenv("SPEED_ERASE_PAGE_FAULT_US", buf, 1);
