@@ -125,7 +125,11 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl,
     return buf;
   };
 
-  std::vector<at::Tensor> os, keys(G), values(G);  // keys/values [B, H, S, D] of this layer
+  // Keys/values [B, H, S, D] of this layer, kept only for batches that a later one continues.
+  std::vector<at::Tensor> os, keys(G), values(G);
+  std::vector<bool> continued(G, false);
+  for (const TextEncoder::Input& inp : in)
+    if (inp.after >= 0) continued[static_cast<std::size_t>(inp.after)] = true;
   for (int l = 0; l < impl.layers_run; ++l) {
     const Block& blk = *m.encoder->layers->blocks[l];
     const Attention& a = *blk.self_attn;
@@ -150,7 +154,10 @@ std::vector<at::Tensor> run(const TextEncoder::Impl& impl,
         k = at::cat({keys[a].narrow(0, in[g].after_row, 1).expand({B, H, P, D}), k}, 2);
         v = at::cat({values[a].narrow(0, in[g].after_row, 1).expand({B, H, P, D}), v}, 2);
       }
-      keys[g] = k, values[g] = v;
+      if (continued[g]) {  // without a prefix, k and v are views of qkv_all: copy, not pin it
+        keys[g] = P == 0 ? k.clone() : k;
+        values[g] = P == 0 ? v.clone() : v;
+      }
       at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale).add_(masks[g]);  // [B, H, T, S]
       at::Tensor o = at::matmul(at::softmax(scores, -1), v);  // [B, H, T, D]
       os.push_back(o.permute({0, 2, 1, 3}).reshape({B * T, W}));
