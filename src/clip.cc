@@ -232,22 +232,6 @@ std::vector<at::Tensor> TextEncoder::forward_many(const std::vector<Input>& inpu
   return run(*impl_, inputs, nullptr);
 }
 
-std::vector<TextEncoder::Prefix> TextEncoder::encode_prefixes(const at::Tensor& ids) const {
-  SPEED_CHECK(ids.defined() && ids.dim() == 2, "prefix ids must be [prefixes, tokens], got {}",
-              ids.defined() ? shape_string(ids.sizes()) : std::string("nothing"));
-  Prefix all;
-  all.states = run(*impl_, {Input{ids}}, &all)[0];
-  std::vector<Prefix> out(static_cast<std::size_t>(ids.size(0)));
-  for (std::int64_t r = 0; r < ids.size(0); ++r) {  // views of row r: no copies
-    Prefix& p = out[static_cast<std::size_t>(r)];
-    p.length = ids.size(1);
-    p.states = all.states.narrow(0, r, 1);
-    for (const auto& k : all.keys) p.keys.push_back(k.narrow(0, r, 1));
-    for (const auto& v : all.values) p.values.push_back(v.narrow(0, r, 1));
-  }
-  return out;
-}
-
 std::uint64_t TextEncoder::weights_hash() const {
   if (impl_->hashed) return impl_->hash;
   // Fixed-size chunks hashed in parallel; the result does not depend on the thread count.

@@ -92,8 +92,6 @@ class TextEncoder {
     std::int64_t after_row = 0;       // ... and which of its rows precedes these ids
   };
   std::vector<at::Tensor> forward_many(const std::vector<Input>& inputs) const;
-  // ids [R, T]: R prefixes of T tokens each in one pass (views into shared storage).
-  std::vector<Prefix> encode_prefixes(const at::Tensor& ids) const;
 
   // Canonical name -> parameter, in module order (q/k/v are views into one fused tensor). With
   // widens_per_layer(), the blocks' weight matrices are the stored tensors (fp16/bf16 views).
