@@ -222,35 +222,19 @@ RunResult run_erase(const EraseRequest& req) {
   const bool all = req.edit.all_tokens;
   std::int64_t done = 0;
   std::int64_t units = static_cast<std::int64_t>(2 * set.targets.size() + set.retain.size() + 1);
-  const auto n_targets = static_cast<std::int64_t>(set.targets.size());
   // Every list in one call (one pass over the encoder weights, SOT and the shared first tokens
-  // computed in it too): targets, anchors, retain texts and the empty prompt.
+  // computed in it too, prompts of the same mode de-duplicated across lists): targets, anchors,
+  // retain texts and the empty prompt.
   const std::vector<std::string> empty_prompt{""};
-  std::vector<std::string> rows;  // last-subject mode: targets, anchors, retain texts
-  std::vector<detail::PromptList> lists;
-  if (all) {
-    lists = {{&set.targets, true}, {&set.anchors, true}};
-    if (set.has_retain_source) lists.push_back({&set.retain, false});
-  } else {
-    rows = set.targets;
-    rows.insert(rows.end(), set.anchors.begin(), set.anchors.end());
-    if (set.has_retain_source) rows.insert(rows.end(), set.retain.begin(), set.retain.end());
-    lists = {{&rows, false}};
-  }
+  std::vector<detail::PromptList> lists = {{&set.targets, all}, {&set.anchors, all}};
+  if (set.has_retain_source) lists.push_back({&set.retain, false});
   lists.push_back({&empty_prompt, true});
   const std::vector<at::Tensor> embedded =
       detail::embed_lists(emb, lists, "encode", req.progress, done, units);
-  if (all) {
-    sets.targets = embedded[0].narrow(1, 1, kContext - 1);
-    sets.anchors = embedded[1].narrow(1, 1, kContext - 1);
-    if (set.has_retain_source) sets.retain = embedded[2];
-  } else {
-    sets.targets = embedded[0].narrow(0, 0, n_targets);
-    sets.anchors = embedded[0].narrow(0, n_targets, n_targets);
-    if (set.has_retain_source) {
-      sets.retain = embedded[0].narrow(0, 2 * n_targets, embedded[0].size(0) - 2 * n_targets);
-    }
-  }
+  // All-tokens mode uses each prompt's rows 1..76 (SPEC §1.2).
+  sets.targets = all ? embedded[0].narrow(1, 1, kContext - 1) : embedded[0];
+  sets.anchors = all ? embedded[1].narrow(1, 1, kContext - 1) : embedded[1];
+  if (set.has_retain_source) sets.retain = embedded[2];
   sets.empty = embedded.back()[0];
   // The encoder is done: what it converted goes before the edit allocates (all its weights on a
   // GPU or in float64, ~0.3 GB for CLIP-L; on the CPU in float32 only the small tensors, the
