@@ -99,6 +99,16 @@ if want base; then
   echo "-- base: the fixed costs"
   for i in 1 2 3; do /usr/bin/time -f "%e %M" "$bin" --version 2>&1 >/dev/null | tail -1; done |
     sort -n | sed -n 2p | awk '{printf "speed-erase --version (LibTorch load + exit), median of 3: %.2f s, rss %.0f MB\n", $1, $2/1024}'
+  # The same program copied where its RPATH finds no unused-libs folder loads every library
+  # LibTorch names (scripts/unused-libs.sh).
+  if [ -s "$build/unused-libs/manifest.txt" ]; then
+    all="$(mktemp -d)"; cp "$build/speed-erase-cli" "$all/"
+    for i in 1 2 3; do /usr/bin/time -f "%e %M" "$all/speed-erase-cli" --version 2>&1 >/dev/null | tail -1; done |
+      sort -n | sed -n 2p | awk -v n="$(wc -l <"$build/unused-libs/manifest.txt")" \
+        -v a="$(ldd "$all/speed-erase-cli" | wc -l)" -v s="$(ldd "$build/speed-erase-cli" | wc -l)" \
+        '{printf "  the same without the unused-libs folder: %d objects loaded instead of %d (%d libraries replaced), median of 3: %.2f s, rss %.0f MB\n", a, s, n, $1, $2/1024}'
+    rm -rf "$all"
+  fi
   cat "$model" >/dev/null
   for i in 1 2; do rm -f "$dir/out/copy.safetensors"; sync; /usr/bin/time -f "%e" cp "$model" "$dir/out/copy.safetensors" 2>&1 | tail -1; done | sort -n | head -1 |
     awk -v mb="$model_mb" '{printf "cp of the %d MB checkpoint (page cache warm), best of 2: %.2f s\n", mb, $1}'

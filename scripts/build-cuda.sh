@@ -25,9 +25,11 @@ cuda_ok=$("$py" -c 'import torch; print(int(torch.version.cuda is not None))' 2>
 paths="$prefix"
 [ -n "${SPEED_DEPS_PREFIX:-}" ] && paths="$paths;$SPEED_DEPS_PREFIX"
 # The wheel's libtorch links its own libgomp/cudart; its lib folder goes into the RUNPATH.
+# SPEED_UNUSED_LIBS=OFF: the wheel's libraries name only what they use (and carry RUNPATHs of
+# their own, which the unused-libs folder could not precede), so there is nothing to replace.
 torch_lib="$(cd "$prefix/../.." 2>/dev/null && pwd)/lib"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$paths" \
-  -DCMAKE_BUILD_RPATH="$torch_lib" ${CUDACXX:+-DCMAKE_CUDA_COMPILER="$CUDACXX"}
+  -DCMAKE_BUILD_RPATH="$torch_lib" -DSPEED_UNUSED_LIBS=OFF ${CUDACXX:+-DCMAKE_CUDA_COMPILER="$CUDACXX"}
 ninja -C "$build" -j"$(nproc)" speed-erase test_erase test_embed test_app
 "$build/speed-erase" --version
 echo "built $build/speed-erase against $prefix; GPU check: $build/tests/test_erase \"[cuda]\""
