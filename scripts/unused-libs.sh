@@ -150,7 +150,8 @@ case "$cmd" in
     n=0
     for name in $names; do
       case "$name" in */*|"$stub_name") continue ;; esac
-      ln -s "$stub_name" "$dir/$name"
+      # A copy where the file system has no symbolic links (the loader then maps each copy).
+      ln -s "$stub_name" "$dir/$name" 2>/dev/null || cp "$dir/$stub_name" "$dir/$name"
       printf '%s\t%s\n' "$name" "${real[$name]}" >>"$dir/manifest.txt"
       n=$((n + 1))
     done
