@@ -24,9 +24,10 @@
 #
 # Usage: scripts/unused-libs.sh make PROGRAM STUB DIR
 #          (re)creates DIR: a copy of STUB, a link NAME -> STUB for each replaced library, and
-#          manifest.txt ("NAME<TAB>real path" per line). With nothing to replace, or when ldd or
-#          readelf is missing or a library is not found, DIR holds only an empty manifest (the
-#          program then loads everything, as before) and a warning is printed.
+#          manifest.txt ("NAME<TAB>real path" per line), then runs `check` on it. With nothing to
+#          replace, when ldd or readelf is missing or a library is not found, or when the check
+#          fails, DIR holds only an empty manifest (the program then loads everything, as
+#          before) and a warning is printed.
 #        scripts/unused-libs.sh check [--expect-some] PROGRAM DIR
 #          exits non-zero, naming the symbols, when the program as loaded takes any symbol from
 #          a replaced library or a replaced library calls into LibTorch (or, with
@@ -155,6 +156,14 @@ case "$cmd" in
       printf '%s\t%s\n' "$name" "${real[$name]}" >>"$dir/manifest.txt"
       n=$((n + 1))
     done
+    # The analysis models the loader; the check asks the loader itself (ldd) about the folder
+    # just made. Where they disagree (say a library with a RUNPATH of its own still loads a
+    # replaced one for real, bringing its dependencies back), everything is loaded instead.
+    if [ "$n" -gt 0 ] && ! bash "$0" check "$prog" "$dir" >/dev/null; then
+      echo "warning: unused-libs: the folder failed its check (above): every library is loaded" >&2
+      rm -rf "$dir" && mkdir -p "$dir" && : >"$dir/manifest.txt"
+      exit 0
+    fi
     echo "unused-libs: $n of $total libraries $(basename "$prog") loads replaced by $stub_name" \
       "($(loaded "$prog" | wc -l) loaded now)"
     ;;
