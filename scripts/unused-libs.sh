@@ -72,7 +72,8 @@ is_kept_kind() {  # never replaced: the C/C++ runtime, sanitizer runtimes, LibTo
 
 is_torch() { case "$1" in libtorch*|libc10*|libcaffe2*) return 0 ;; esac; return 1; }
 
-# analyse PROGRAM: prints the names of the libraries that can be replaced.
+# analyse PROGRAM LOADED: prints the names of the libraries that can be replaced (LOADED: what
+# `loaded PROGRAM` printed).
 analyse() {
   local prog="$1" name path
   local -A direct=()
@@ -87,7 +88,7 @@ analyse() {
       elif ! is_kept_kind "$name" && [ -z "${direct[$name]:-}" ]; then
         printf 'C\t%s\n' "$name"
       fi
-    done < <(loaded "$prog")
+    done <<<"$2"
   } | awk -F'\t' '
     $1 == "N" { nn[$2]++; need[$2, nn[$2]] = $3; next }
     $1 == "D" { nd[$2]++; def[$2, nd[$2]] = $3; next }
@@ -138,16 +139,21 @@ case "$cmd" in
       echo "warning: unused-libs: ldd or readelf missing: every library is loaded" >&2
       exit 0
     fi
-    if ! names=$(analyse "$prog"); then
+    # What the loader maps with the folder empty: the libraries' real paths.
+    if ! list=$(loaded "$prog") || [ -z "$list" ]; then
+      echo "warning: unused-libs: ldd found no libraries of '$prog': every library is loaded" >&2
+      exit 0
+    fi
+    if ! names=$(analyse "$prog" "$list"); then
       echo "warning: unused-libs: analysis of '$prog' failed: every library is loaded" >&2
       : >"$dir/manifest.txt"
       exit 0
     fi
-    total=$(loaded "$prog" | wc -l)
+    total=$(wc -l <<<"$list")
     stub_name=$(basename "$stub")
     cp "$stub" "$dir/$stub_name"
     declare -A real=()
-    while IFS=$'\t' read -r name path; do real[$name]="$path"; done < <(loaded "$prog")
+    while IFS=$'\t' read -r name path; do real[$name]="$path"; done <<<"$list"
     n=0
     for name in $names; do
       case "$name" in */*|"$stub_name") continue ;; esac
@@ -173,9 +179,10 @@ case "$cmd" in
     [ $# -eq 3 ] || die "usage: unused-libs.sh check [--expect-some] PROGRAM DIR"
     prog="$2"; dir="$3"
     [ -f "$dir/manifest.txt" ] || die "'$dir/manifest.txt' not found (build the program first)"
+    list=$(loaded "$prog")
     if [ ! -s "$dir/manifest.txt" ]; then
       [ "$expect_some" = 0 ] || die "'$dir/manifest.txt' is empty: no library was replaced"
-      echo "unused-libs: no library replaced; $(loaded "$prog" | wc -l) objects loaded"
+      echo "unused-libs: no library replaced; $(wc -l <<<"$list") objects loaded"
       exit 0
     fi
     dir_real=$(cd "$dir" && pwd -P)
@@ -189,7 +196,7 @@ case "$cmd" in
       else
         real_loaded[$name]="$path"
       fi
-    done < <(loaded "$prog")
+    done <<<"$list"
     bad=0
     {
       [ "$n_stub" -gt 0 ] || echo "E	no library is loaded from $dir"
@@ -204,7 +211,7 @@ case "$cmd" in
         [ -n "${real_loaded[$name]:-}" ] || continue
         elf_table "$name" "$path" | awk -F'\t' -v t="$(is_torch "$name" && echo 1)" '
           $1 == "U" { print } $1 == "D" && t == "1" { print "T\t" $2 "\t" $3 }'
-      done < <(loaded "$prog")
+      done <<<"$list"
     } | awk -F'\t' '
       $1 == "E" { print "error: unused-libs: " $2; bad = 1; next }
       $1 == "RD" { rdef[$3] = rdef[$3] " " $2; next }   # defined by a replaced library
@@ -219,7 +226,7 @@ case "$cmd" in
       }' || bad=1
     [ "$bad" = 0 ] || exit 1
     echo "unused-libs: $(wc -l <"$dir/manifest.txt") replaced libraries, none used;" \
-      "$(loaded "$prog" | wc -l) objects loaded"
+      "$(wc -l <<<"$list") objects loaded"
     ;;
   *) die "usage: unused-libs.sh make PROGRAM STUB DIR | check [--expect-some] PROGRAM DIR" ;;
 esac

@@ -28,7 +28,11 @@ expect_failure() {  # expect_failure WHAT PATTERN
 }
 expect_failure "libz.so.1 is listed as replaced" "libz.so.1 is loaded from"
 first=$(head -1 "$tmp/good.txt" | cut -f1)
-[ -n "$first" ] || { echo "error: nothing was replaced: nothing to test with" >&2; exit 1; }
+if [ -z "$first" ]; then  # only without --expect-some: check above refused an empty manifest
+  echo "nothing was replaced: the second wrong manifest (a replaced library given libz's path)" \
+    "needs one; not run"
+  exit 0
+fi
 awk -F'\t' -v f="$first" -v z="$zlib" 'BEGIN { OFS = "\t" } $1 == f { $2 = z } { print }' \
   "$tmp/good.txt" >"$tmp/unused-libs/manifest.txt"
 expect_failure "$first stands in for libz" "takes inflate from $first"
