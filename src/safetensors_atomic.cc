@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -13,8 +14,10 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 
 #include "speed/error.h"
+#include "speed/log.h"
 
 namespace speed {
 namespace {
@@ -128,6 +131,80 @@ std::vector<char> temp_template(const std::string& path) {
   return name;
 }
 
+// ---- Temps left by a run that was killed (SIGKILL, OOM killer, power loss) ----
+//
+// Signals that can be caught remove a run's temps (cleanup_handler); SIGKILL cannot be caught, so
+// a killed `full` export used to leave a hidden 2 GB `.<name>.tmp-XXXXXX` beside its output for
+// good. Now every temp carries an exclusive flock(2) from its creation until it is published or
+// removed (held through a descriptor of its own, so that a file closed by finish() and waiting
+// for its rename stays locked). The kernel drops the lock when the process dies, however it dies.
+// Before making its own temp, a writer removes the temps of the same output name that nobody
+// locks. Two guards keep a live run's temp safe: a temp younger than kStaleSeconds is never
+// touched (the moment between mkostemp/mkdtemp and flock), and where a lock cannot be taken at
+// all (NFS maps flock to POSIX locks, which need a file open for writing) nothing is removed.
+// Only temps owned by the running user are considered.
+constexpr std::time_t kStaleSeconds = 30;
+
+// `entry` == "." + base + ".tmp-" + six characters of mkstemp's alphabet.
+bool is_temp_of(const char* entry, const std::string& base) {
+  const std::size_t n = std::strlen(entry);
+  constexpr std::size_t kSuffix = 5 + 6;  // ".tmp-" and XXXXXX
+  if (n != 1 + base.size() + kSuffix || entry[0] != '.') return false;
+  if (base.compare(0, base.size(), entry + 1, base.size()) != 0) return false;
+  const char* tail = entry + 1 + base.size();
+  if (std::strncmp(tail, ".tmp-", 5) != 0) return false;
+  return std::all_of(tail + 5, tail + kSuffix, [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+  });
+}
+
+void remove_tree_at(int parent, const char* name, int depth);
+
+// Removes the unlocked, old temps of `base` in the folder `dir`; never fails (a temp that cannot
+// be examined or removed stays). Returns how many were removed.
+int remove_stale_temps(const std::string& dir, const std::string& base) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return 0;
+  const int dfd = ::dirfd(d);
+  const std::time_t now = std::time(nullptr);
+  int removed = 0;
+  while (const struct dirent* e = ::readdir(d)) {
+    if (!is_temp_of(e->d_name, base)) continue;
+    struct stat st {};
+    if (::fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) continue;
+    if (st.st_uid != ::geteuid()) continue;
+    if (now - st.st_mtime < kStaleSeconds) continue;
+    const int flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK |
+                      (S_ISDIR(st.st_mode) ? O_DIRECTORY : 0);
+    const int fd = ::openat(dfd, e->d_name, flags);
+    if (fd < 0) continue;
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {  // nobody writes it: its run is gone
+      remove_tree_at(dfd, e->d_name, 0);
+      log().info("removed '{}{}', left by an interrupted run", dir == "." ? "" : dir + "/",
+                 e->d_name);
+      ++removed;
+    }
+    ::close(fd);
+  }
+  ::closedir(d);
+  return removed;
+}
+
+// An exclusive lock on `fd`'s file held through a descriptor of its own (-1 where none can be
+// taken): the temp's mark of a live run, released by close_lock() or by the process's death.
+int take_lock(int fd) {
+  const int lock = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (lock >= 0 && ::flock(lock, LOCK_EX | LOCK_NB) == 0) return lock;
+  if (lock >= 0) ::close(lock);
+  return -1;
+}
+
+void close_lock(int& lock) {
+  if (lock >= 0) ::close(lock);
+  lock = -1;
+}
+
 // The rename is durable only once the directory entry is on disk.
 void fsync_dir(const std::string& dir) {
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -206,6 +283,7 @@ AtomicFile::AtomicFile(const std::string& path, bool overwrite, const std::strin
     SPEED_CHECK(S_ISREG(out.st_mode), "output '{}' exists and is not a regular file", path);
     if (!overwrite) fail_hint("pass --force to overwrite it", "output '{}' already exists", path);
   }
+  remove_stale_temps(dir_of(path), base);
   std::vector<char> name = temp_template(path);
   fd_ = ::mkostemp(name.data(), O_CLOEXEC);
   if (fd_ < 0) {
@@ -213,6 +291,7 @@ AtomicFile::AtomicFile(const std::string& path, bool overwrite, const std::strin
     fail("cannot create a temporary file in '{}' for '{}': {}", dir_of(path), path, std::strerror(err));
   }
   temp_.assign(name.data());
+  lock_ = take_lock(fd_);
   slot_ = register_temp(temp_, kFile);
   ::fchmod(fd_, 0666 & ~current_umask());  // mkstemp's 0600 would surprise users of the output
   buf_.resize(std::size_t{4} << 20);
@@ -226,6 +305,7 @@ void AtomicFile::abort() noexcept {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
   if (!temp_.empty()) ::unlink(temp_.c_str());
+  close_lock(lock_);
   unregister_temp(slot_);
   slot_ = -1;
   done_ = true;
@@ -366,6 +446,7 @@ void AtomicFile::finish() {
 void AtomicFile::publish() {
   finish();
   rename_into_place(temp_, path_, !overwrite_, "pass --force to overwrite it");
+  close_lock(lock_);
   unregister_temp(slot_);
   slot_ = -1;
   done_ = true;
@@ -384,17 +465,21 @@ AtomicDir::AtomicDir(const std::string& path, bool overwrite)
     SPEED_CHECK(S_ISDIR(out.st_mode), "output '{}' exists and is not a folder", path_);
     if (!overwrite) fail_hint("pass --force to replace it", "output '{}' already exists", path_);
   }
+  remove_stale_temps(dir_of(path_), base);
   std::vector<char> name = temp_template(path_);
   if (::mkdtemp(name.data()) == nullptr) {
     int err = errno;
     fail("cannot create a temporary folder in '{}' for '{}': {}", dir_of(path_), path_, std::strerror(err));
   }
   temp_.assign(name.data());
+  lock_ = ::open(temp_.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (lock_ >= 0 && ::flock(lock_, LOCK_EX | LOCK_NB) != 0) close_lock(lock_);
   slot_ = register_temp(temp_, kDir);
   ::chmod(temp_.c_str(), 0777 & ~current_umask());  // mkdtemp's 0700, as for files
 }
 
 AtomicDir::~AtomicDir() {
+  close_lock(lock_);
   if (slot_ < 0 && temp_.empty()) return;
   if (!temp_.empty()) remove_tree(temp_.c_str());
   unregister_temp(slot_);
@@ -424,6 +509,7 @@ void AtomicDir::publish() {
       unregister_temp(slot_);
       slot_ = -1;
       temp_.clear();
+      close_lock(lock_);
       return;
     }
   }
@@ -451,6 +537,7 @@ void AtomicDir::publish() {
     unregister_temp(slot_);
     slot_ = -1;
     temp_.clear();
+    close_lock(lock_);
     fsync_dir(dir_of(path_));
     remove_tree(old.c_str());
     unregister_temp(old_slot);
@@ -462,6 +549,7 @@ void AtomicDir::publish() {
   unregister_temp(slot_);
   slot_ = -1;
   temp_.clear();
+  close_lock(lock_);
   fsync_dir(dir_of(path_));
 }
 

@@ -1,13 +1,16 @@
 // speed/atomic_file.h: copy_from in the kernel and by read + write (same bytes), staged files
-// published late, AtomicDir swapping a folder in and cleaning up; rewrite from a from_memory
-// source leaves that source intact.
+// published late, AtomicDir swapping a folder in and cleaning up, temps locked while their run
+// lives and removed by the next writer once it is dead; rewrite from a from_memory source leaves
+// that source intact.
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <csignal>
+#include <ctime>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -200,6 +203,119 @@ TEST_CASE("atomic dir: SIGTERM removes the temp folder with everything in it", "
   CHECK(WTERMSIG(status) == SIGTERM);
   CHECK(fs::is_empty(tmp.path));
   CHECK(fs::exists("/etc"));
+}
+
+namespace {
+
+// Sets `p`'s modification time `seconds` into the past (without following a link).
+void age(const fs::path& p, int seconds) {
+  const struct timespec t[2] = {{std::time(nullptr) - seconds, 0}, {std::time(nullptr) - seconds, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, p.c_str(), t, AT_SYMLINK_NOFOLLOW) == 0);
+}
+
+// Whether some other open file description holds an flock on `p`.
+bool locked(const fs::path& p) {
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  const bool busy = ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  ::close(fd);
+  return busy;
+}
+
+}  // namespace
+
+TEST_CASE("atomic file: a temp is locked from creation until it is published", "[unit]") {
+  TempDir tmp("speed-atomic");
+  const fs::path out = tmp.path / "out.bin";
+  speed::AtomicFile f(out.string(), false);
+  f.write("abc", 3);
+  CHECK(locked(f.temp_path()));
+  f.finish();  // closed, waiting for its rename: still locked
+  CHECK(locked(f.temp_path()));
+  f.publish();
+  CHECK_FALSE(locked(out));
+  speed::AtomicDir d((tmp.path / "model").string(), false);
+  CHECK(locked(d.temp_path()));
+  d.publish();
+  CHECK_FALSE(locked(tmp.path / "model"));
+}
+
+TEST_CASE("atomic file and dir: temps left by a killed run are removed by the next writer",
+          "[unit]") {
+  TempDir tmp("speed-atomic");
+  const fs::path out = tmp.path / "out.safetensors";
+  const fs::path stale_file = tmp.path / ".out.safetensors.tmp-AbC123";
+  const fs::path stale_dir = tmp.path / ".out.safetensors.tmp-Zz9999";
+  const fs::path young = tmp.path / ".out.safetensors.tmp-young1";
+  const fs::path held = tmp.path / ".out.safetensors.tmp-held00";
+  const fs::path other = tmp.path / ".other.safetensors.tmp-abcdef";  // another output's
+  const fs::path short_name = tmp.path / ".out.safetensors.tmp-abc";  // not mkstemp's pattern
+  const fs::path link = tmp.path / ".out.safetensors.tmp-link00";
+  spit(stale_file, "left by a killed run");
+  fs::create_directories(stale_dir / "unet");
+  spit(stale_dir / "unet" / "x.bin", "x");
+  for (const fs::path& p : {young, held, other, short_name}) spit(p, "keep");
+  fs::create_symlink(tmp.path / "other-target", link);
+  for (const fs::path& p : {stale_file, stale_dir, held, other, short_name, link}) age(p, 120);
+  const int hold = ::open(held.c_str(), O_RDONLY | O_CLOEXEC);  // a live run's temp
+  REQUIRE(hold >= 0);
+  REQUIRE(::flock(hold, LOCK_EX | LOCK_NB) == 0);
+  {
+    speed::AtomicFile f(out.string(), false);
+    f.write("new", 3);
+    f.publish();
+  }
+  ::close(hold);
+  CHECK_FALSE(fs::exists(stale_file));
+  CHECK_FALSE(fs::exists(stale_dir));
+  for (const fs::path& p : {young, held, other, short_name}) CHECK(slurp(p) == "keep");
+  CHECK(fs::is_symlink(link));
+  CHECK(slurp(out) == "new");
+
+  // A folder output: the same for its temps.
+  const fs::path model = tmp.path / "model";
+  const fs::path stale_model = tmp.path / ".model.tmp-q1W2e3";
+  fs::create_directories(stale_model / "text_encoder");
+  spit(stale_model / "text_encoder" / "model.safetensors", "partial");
+  age(stale_model, 120);
+  speed::AtomicDir d(model.string(), false);
+  CHECK_FALSE(fs::exists(stale_model));
+  CHECK(fs::exists(d.temp_path()));
+}
+
+TEST_CASE("atomic file: the temp of a run killed by SIGKILL is removed by the next run", "[unit]") {
+  TempDir tmp("speed-atomic");
+  const fs::path out = tmp.path / "out.bin";
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    speed::AtomicFile f(out.string(), false);
+    f.write("partial", 7);
+    f.finish();
+    ::kill(::getpid(), SIGKILL);  // no destructor, no handler: the temp stays behind
+    ::_exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  REQUIRE(WTERMSIG(status) == SIGKILL);
+  std::vector<fs::path> left(fs::directory_iterator(tmp.path), fs::directory_iterator());
+  REQUIRE(left.size() == 1);
+  CHECK(left[0].filename().string().rfind(".out.bin.tmp-", 0) == 0);
+  CHECK_FALSE(locked(left[0]));  // the kernel dropped the dead run's lock
+  {
+    speed::AtomicFile young(out.string(), false);  // under 30 s old: left alone
+    CHECK(fs::exists(left[0]));
+  }
+  age(left[0], 60);
+  {
+    speed::AtomicFile f(out.string(), false);
+    CHECK_FALSE(fs::exists(left[0]));
+    f.write("whole", 5);
+    f.publish();
+  }
+  CHECK(slurp(out) == "whole");
+  CHECK(std::distance(fs::directory_iterator(tmp.path), fs::directory_iterator()) == 1);
 }
 
 TEST_CASE("rewrite: a from_memory source is still intact after the rewrite", "[unit]") {

@@ -5,7 +5,9 @@
 // destruction unless published. Writing and publishing are separate steps, so that a run with
 // several outputs (a checkpoint, its report, a sidecar) writes and fsyncs all of them first and
 // renames them into place last: a failure before the renames leaves every existing output
-// byte-identical.
+// byte-identical. A temp carries an flock(2) while its run lives; one left by a run that was
+// killed outright (SIGKILL, the OOM killer) is removed by the next writer of the same output,
+// once nobody locks it and it is 30 s old.
 #pragma once
 
 #include <cstddef>
@@ -49,6 +51,7 @@ class AtomicFile {
 
   std::string path_, temp_;
   int fd_ = -1;
+  int lock_ = -1;  // flock on the temp until it is published or removed (stale-temp clean-up)
   int slot_ = -1;
   bool overwrite_ = false;
   bool finished_ = false;
@@ -79,6 +82,7 @@ class AtomicDir {
 
  private:
   std::string path_, temp_;
+  int lock_ = -1;  // flock on the temp folder while it is ours
   int slot_ = -1;
   bool overwrite_ = false;
 };
