@@ -128,6 +128,7 @@ std::unique_ptr<TextEncoder::Impl> build(std::map<std::string, Src>& sources,
               "text encoder compute dtype must be float32 or float64, got {}", options.dtype);
   impl->dtype = options.dtype;
   impl->device = at::Device(options.device);
+  exact_float32_matmul(impl->device);
   impl->layers_run = info.output_layer < 0 ? static_cast<int>(info.layers) : info.output_layer;
   validate_config(info, impl->layers_run);
   impl->heads = info.heads;

@@ -92,7 +92,11 @@ Embedder::Embedder(const Checkpoint& ckpt, const std::optional<std::string>& tok
                            [&tokenizer_file] { return ClipTokenizer::load(tokenizer_file); });
   } catch (const std::system_error&) {  // no thread to be had: one after the other
   }
-  impl_->cache = std::make_unique<EmbedCache>(*options.cache_dir, weights_hash());
+  // Embeddings (and DPA directions) computed on a GPU differ from the CPU's in the last bits: a
+  // namespace of their own, so that a CPU run's bytes never depend on what a GPU run cached.
+  const bool cpu = at::Device(options.device).is_cpu();
+  impl_->cache = std::make_unique<EmbedCache>(*options.cache_dir,
+                                              weights_hash() + (cpu ? "" : "-cuda"));
   impl_->tokenizer = std::make_unique<ClipTokenizer>(
       tokenizer.valid() ? tokenizer.get() : ClipTokenizer::load(tokenizer_file));
 }

@@ -243,6 +243,7 @@ Prepared prepare(const EmbeddingSets& sets, const EraseOptions& o, EditResult& r
   validate_options(o);
   Prepared p;
   p.device = at::Device(o.device == "cuda" ? at::kCUDA : at::kCPU);
+  exact_float32_matmul(p.device);  // retain32's products (diagnostics)
   SPEED_CHECK(sets.empty.defined() && sets.empty.dim() == 2 && sets.empty.size(0) == 77,
               "empty-prompt states have shape {}, expected [77, d]",
               sets.empty.defined() ? shape_string(sets.empty.sizes()) : std::string("undefined"));

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
 #include "speed/error.h"
@@ -54,6 +55,10 @@ SgemmFn blas_sgemm() {
 }
 
 }  // namespace
+
+void exact_float32_matmul(const at::Device& device) {
+  if (device.is_cuda()) at::globalContext().setAllowTF32CuBLAS(false);
+}
 
 int available_cores() {
   cpu_set_t set;
@@ -110,10 +115,18 @@ void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)
       }
     }
   };
+  // A new thread starts with OpenMP's and MKL's default pool sizes (both per thread), not the one
+  // set_compute_threads() or edit_layers() gave the caller's: LibTorch's parallel_for catches up
+  // lazily, but a LAPACK call from MKL (a pip LibTorch's BLAS) would run on every core, inside
+  // threads that are already parallel, with bytes that depend on which thread got which task.
+  auto worker = [&] {
+    at::init_num_threads();
+    work();
+  };
   std::vector<std::thread> pool;
   pool.reserve(workers - 1);
   try {
-    for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work);
+    for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(worker);
   } catch (...) {  // no thread to be had: the caller does the rest
   }
   work();

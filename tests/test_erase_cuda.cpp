@@ -1,5 +1,7 @@
 // [cuda]: the edit on the GPU equals the edit on the CPU (same code path, noise drawn on the CPU).
-// Skips itself with a visible warning when LibTorch sees no GPU (the CPU-only Debian build).
+// Skips itself with a visible warning when LibTorch sees no GPU (the CPU-only Debian build), and
+// fails instead when SPEED_REQUIRE_CUDA=1 (scripts/build-cuda.sh's GPU check sets it), so that a
+// broken CUDA set-up cannot pass as a skip.
 #include <torch/cuda.h>
 
 #include <ATen/ATen.h>
@@ -8,6 +10,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #include "speed/erase.h"
@@ -16,17 +20,18 @@ using namespace speed;
 
 namespace {
 
-// A seeded edit problem in d = 64: 5 targets, retain rows that span at most `rank` dimensions
-// (so C_rr has a null space whichever path decomposes it), 6 layers of different widths.
+// A seeded edit problem in d dimensions: 5 targets, retain rows that span at most `rank`
+// dimensions (so C_rr has a null space whichever path decomposes it), 6 layers of different
+// widths (`outs`, at least d for d > 64 so that the DPA direction's Gram has no null space).
 struct Problem {
   EmbeddingSets sets;
   std::vector<LayerInput> layers;
 };
 
-Problem make_problem(std::int64_t retain_rows, std::int64_t rank, bool all_tokens) {
+Problem make_problem(std::int64_t retain_rows, std::int64_t rank, bool all_tokens,
+                     std::int64_t d = 64) {
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(20261201);
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  const std::int64_t d = 64;
   Problem p;
   if (all_tokens) {
     p.sets.targets = at::randn({2, 76, d}, g, f64);
@@ -39,10 +44,12 @@ Problem make_problem(std::int64_t retain_rows, std::int64_t rank, bool all_token
     p.sets.retain =
         at::matmul(at::randn({retain_rows, rank}, g, f64), at::randn({rank, d}, g, f64)) * 0.3;
   p.sets.empty = at::randn({77, d}, g, f64);
-  const std::int64_t outs[] = {32, 64, 96, 48, 80, 64};
-  for (int i = 0; i < 6; ++i)
-    p.layers.push_back(
-        {"layer" + std::to_string(i), at::randn({outs[i], d}, g, f64).to(at::kFloat)});
+  const std::int64_t small[] = {32, 64, 96, 48, 80, 64};
+  const std::int64_t wide[] = {d, d + 32, 2 * d, d + 64, d, d + 16};
+  for (int i = 0; i < 6; ++i) {
+    const std::int64_t out = d > 64 ? wide[i] : small[i];
+    p.layers.push_back({"layer" + std::to_string(i), at::randn({out, d}, g, f64).to(at::kFloat)});
+  }
   return p;
 }
 
@@ -86,14 +93,25 @@ void compare(const char* name, const Problem& p, EraseOptions o) {
 
 TEST_CASE("cuda: the edit on the GPU matches the CPU", "[cuda]") {
   if (!torch::cuda::is_available()) {
+    const char* require = std::getenv("SPEED_REQUIRE_CUDA");
+    if (require && std::strcmp(require, "1") == 0)
+      FAIL("SPEED_REQUIRE_CUDA=1 but LibTorch sees no CUDA GPU (a CPU-only LibTorch, no driver, "
+           "or CUDA_VISIBLE_DEVICES hides it)");
     WARN("SKIPPED: LibTorch sees no CUDA GPU (build with scripts/build-cuda.sh on a GPU machine)");
     return;
   }
-  EraseOptions celeb;  // celebrity-like: IPF off, DPA on, small τ (the (m+1)-dimensional path)
+  EraseOptions celeb;  // celebrity-like: IPF off, DPA on, small τ
   celeb.ipf = false;
   celeb.threshold = 1e-4;
   celeb.retain_scale = 0.05;
-  compare("celebrity-like", make_problem(40, 40, false), celeb);
+  // 40 rows + the DPA direction span 41 > 64 / 2 dimensions: C_rr decomposed d×d.
+  compare("celebrity-like, dense", make_problem(40, 40, false), celeb);
+  // 20 rows + the DPA direction span 21 <= 64 / 2: C_rr decomposed in that span (QR + a 21×21
+  // eigh), the path of real celebrity runs (100 rows in 768 dimensions).
+  compare("celebrity-like, span", make_problem(20, 20, false), celeb);
+  // d = 128 > 64: the DPA direction from the Ritz estimate and shifted Cholesky factor of each
+  // weight's Gram (CLIP-L's 768), not from a full eigendecomposition.
+  compare("celebrity-like, d 128", make_problem(20, 20, false, 128), celeb);
 
   EraseOptions inst;  // instance-like: IPF + DPA, many rows of low rank (the d×d path)
   compare("instance-like", make_problem(200, 24, false), inst);

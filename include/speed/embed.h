@@ -22,7 +22,8 @@ class TextEncoder;  // speed/clip.h
 
 struct EmbedOptions {
   std::string device = "cpu";               // "cpu" or "cuda"
-  std::optional<std::string> cache_dir;     // embedding cache (nullopt: no cache)
+  std::optional<std::string> cache_dir;     // embedding cache (nullopt: no cache); entries made
+                                            // on a GPU are kept apart from the CPU's
   int max_batch_tokens = 4096;              // batch size cap, in tokens
   at::ScalarType dtype = at::kFloat;        // compute and result precision (kDouble for checks)
 };

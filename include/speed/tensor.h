@@ -68,6 +68,11 @@ std::uint64_t hash64(const void* data, std::size_t n, std::uint64_t seed = 0);
 std::uint64_t hash_combine(std::uint64_t h, std::uint64_t value);
 std::string hex64(std::uint64_t h);  // 16 lower-case hex digits
 
+// On a CUDA device: float32 matrix products in full float32 (no TF32), whatever the environment
+// asked for (LibTorch 2.x starts with TF32 when TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set, as in
+// NVIDIA's containers). No-op on the CPU. Process-wide.
+void exact_float32_matmul(const at::Device& device);
+
 // ---- threads (build-env.md trap 6) ----
 // CPU cores this process may run on (sched_getaffinity; at least 1).
 int available_cores();
