@@ -8,6 +8,7 @@
 #   celebrity-100 only, threads)
 # Env: SPEED_BENCH_ONLY_BIG=1 (scaling: only the 10,000-row runs), SPEED_BENCH_DIR, SPEED_DATA_DIR (default ../shared/data/speed), SPEED_MERGES,
 #      SPEED_BENCH_NO_BUILD=1 (use BUILD_DIR as it is: no ninja),
+#      SPEED_BENCH_DEVICE=cpu|cuda|auto (passed as --device; default: the program's, auto),
 #      OMP_WAIT_POLICY (default PASSIVE, see docs/performance.md).
 #
 # Every run: wall time from process start to output written (/usr/bin/time -v), peak RSS, the
@@ -57,7 +58,7 @@ run() {
   # kernel's write-out of the previous 2 GB output lands in the next measurement.
   sync
   if ! /usr/bin/time -v "$bin" erase --model "$model" --tokenizer "$merges" --data-dir "$data" \
-      --report "$rep" --force -q "$@" 2>"$tim" >/dev/null; then
+      --report "$rep" --force -q ${SPEED_BENCH_DEVICE:+--device "$SPEED_BENCH_DEVICE"} "$@" 2>"$tim" >/dev/null; then
     echo "$name: FAILED"; tail -5 "$tim"; return 0
   fi
   "$py" - "$name" "$rep" "$tim" <<'EOF'
@@ -70,7 +71,8 @@ rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
 cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", t).group(1)) for k in ("User", "System"))
 tm = r["timings"]; c = r["cache"]; con = r["concepts"]
 stages = " ".join(f"{k} {v:.2f}" for k, v in tm.items() if k != "total")
-print(f"{name:<28} wall {secs:6.2f} s  cpu {cpu:6.2f} s  rss {rss:6.0f} MB  threads {r['threads']}  "
+dev = "" if r["device"] == "cpu" else f"device {r['device']} (wall - export {secs - tm['export']:.2f} s)  "
+print(f"{name:<28} wall {secs:6.2f} s  cpu {cpu:6.2f} s  rss {rss:6.0f} MB  {dev}threads {r['threads']}  "
       f"targets {con['target_count']} retain {con['retain']['kept']}  cache {c['hits']}h/{c['misses']}m  "
       f"stages: {stages} (in-process {tm['total']:.2f})", flush=True)
 open(f"{rep}.wall", "w").write(f"{secs}\n")

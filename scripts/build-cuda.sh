@@ -53,6 +53,6 @@ paths="$prefix"
 torch_lib="$(cd "$prefix/../.." 2>/dev/null && pwd)/lib"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$paths" \
   -DCMAKE_BUILD_RPATH="$torch_lib" -DSPEED_UNUSED_LIBS=OFF ${CUDACXX:+-DCMAKE_CUDA_COMPILER="$CUDACXX"}
-ninja -C "$build" -j"$(nproc)" speed-erase test_erase test_embed test_app
+ninja -C "$build" -j"$(nproc)" speed-erase test_erase test_clip test_embed test_app
 "$build/speed-erase" --version
-echo "built $build/speed-erase against $prefix; GPU check: SPEED_REQUIRE_CUDA=1 $build/tests/test_erase \"[cuda]\""
+echo "built $build/speed-erase against $prefix; GPU check: SPEED_REQUIRE_CUDA=1 $build/tests/test_erase \"[cuda]\" (and test_clip), or scripts/gpu-check.sh for the whole check"

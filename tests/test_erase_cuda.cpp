@@ -1,20 +1,15 @@
 // [cuda]: the edit on the GPU equals the edit on the CPU (same code path, noise drawn on the CPU).
-// Skips itself with a visible warning when LibTorch sees no GPU (the CPU-only Debian build), and
-// fails instead when SPEED_REQUIRE_CUDA=1 (scripts/build-cuda.sh's GPU check sets it), so that a
-// broken CUDA set-up cannot pass as a skip.
-#include <torch/cuda.h>
-
+// Without a GPU: skipped with a visible warning, or failed under SPEED_REQUIRE_CUDA=1 (test_cuda.h).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <sstream>
 
 #include "speed/erase.h"
+#include "test_cuda.h"
 
 using namespace speed;
 
@@ -92,14 +87,7 @@ void compare(const char* name, const Problem& p, EraseOptions o) {
 }  // namespace
 
 TEST_CASE("cuda: the edit on the GPU matches the CPU", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    const char* require = std::getenv("SPEED_REQUIRE_CUDA");
-    if (require && std::strcmp(require, "1") == 0)
-      FAIL("SPEED_REQUIRE_CUDA=1 but LibTorch sees no CUDA GPU (a CPU-only LibTorch, no driver, "
-           "or CUDA_VISIBLE_DEVICES hides it)");
-    WARN("SKIPPED: LibTorch sees no CUDA GPU (build with scripts/build-cuda.sh on a GPU machine)");
-    return;
-  }
+  if (!test::cuda_or_skip()) return;
   EraseOptions celeb;  // celebrity-like: IPF off, DPA on, small τ
   celeb.ipf = false;
   celeb.threshold = 1e-4;
