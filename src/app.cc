@@ -50,7 +50,7 @@ void check_report_path(const std::string& path, const std::vector<std::string>& 
   std::error_code ec;
   for (const auto& t : taken) {
     if (fs::weakly_canonical(p, ec) == fs::weakly_canonical(t, ec)) {
-      throw UsageError(fmt::format("--report '{}' names the model or the output", path),
+      throw UsageError(fmt::format("--report '{}' names an input or the output ('{}')", path, t),
                        "choose another report path");
     }
   }
@@ -189,8 +189,15 @@ RunResult run_erase(const EraseRequest& req) {
   Stopwatch sw;
   Checkpoint ckpt = open_checkpoint(req.model);
   ExportOptions out = req.output;
+  for (std::string& f : source_files(req.concepts)) out.inputs.push_back(std::move(f));
+  if (req.tokenizer) out.inputs.push_back(*req.tokenizer);
   out.output = prepare_output(ckpt, out);  // before any work: a bad path fails in a second
-  if (req.report) detail::check_report_path(*req.report, {req.model, out.output});
+  if (req.report) {
+    std::vector<std::string> taken = out.inputs;
+    taken.push_back(req.model);
+    taken.push_back(out.output);
+    detail::check_report_path(*req.report, taken);
+  }
   InputFingerprint fp = fingerprint_checkpoint(ckpt);
   log().info("load: {} {} checkpoint '{}', {} K/V tensors ({:.2f} s)", family_name(ckpt.family),
              layout_name(ckpt.layout), ckpt.path, ckpt.kv.size(), stage_done("load", sw));
@@ -212,6 +219,12 @@ RunResult run_erase(const EraseRequest& req) {
   {
     auto toks = emb.tokenize(set.targets);
     for (std::size_t i = 0; i < toks.size(); ++i) {
+      if (toks[i].n <= 2) {  // SOT and EOT only: the tokenizer's clean-up left nothing
+        throw UsageError(fmt::format("target concept '{}' has no tokens (only spaces or control "
+                                     "characters once cleaned up), so there is nothing to erase",
+                                     set.targets[i]),
+                         "check the concept list's encoding and contents");
+      }
       if (toks[i].truncated) {
         log().warn("concept '{}' is longer than 75 tokens; only its first 75 are used",
                    set.targets[i]);
@@ -310,8 +323,14 @@ RunResult run_erase(const EraseRequest& req) {
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     LayerResult& lr = edit.layers.at(i);
     // LoRA needs ΔW exactly (float64 W'); the other formats store W' in the tensor's dtype.
-    weights[inputs[i].name] = lora ? inputs[i].weight.to(at::kDouble) + lr.delta.to(at::kCPU)
-                                   : apply_delta(inputs[i].weight, lr.delta.to(at::kCPU));
+    at::Tensor& w = weights[inputs[i].name];
+    w = lora ? inputs[i].weight.to(at::kDouble) + lr.delta.to(at::kCPU)
+             : apply_delta(inputs[i].weight, lr.delta.to(at::kCPU));
+    // Finite W and ΔW can still overflow the stored dtype (fp16 weights near 65504): refused
+    // rather than written as Inf.
+    SPEED_CHECK(all_finite(w), "the edited weight '{}' does not fit its dtype {} (|W + ΔW| up to {:.4g})",
+                inputs[i].name, c10::toString(w.scalar_type()),
+                (inputs[i].weight.to(at::kDouble) + lr.delta.to(at::kCPU)).abs().max().item<double>());
     lr.delta = at::Tensor();  // free as we go (SDXL: 140 float64 deltas)
   }
   inputs.clear();

@@ -138,11 +138,20 @@ EvalResult run_eval(const EvalRequest& req) {
   const std::string edit_path = req.edited ? *req.edited : *req.lora;
   std::string device = resolve_device(req.device);
   Checkpoint ckpt = open_checkpoint(req.model);
-  if (req.report) detail::check_report_path(*req.report, {req.model, edit_path});
+  if (req.report) {
+    std::vector<std::string> taken = source_files(req.concepts);
+    for (const auto& spec : req.prompts) taken.push_back(source_file(spec));
+    if (req.tokenizer) taken.push_back(*req.tokenizer);
+    taken.push_back(req.model);
+    taken.push_back(edit_path);
+    detail::check_report_path(*req.report, taken);
+  }
   std::vector<EvalLayer> all = req.edited ? deltas_from_edited(ckpt, *req.edited)
                                           : deltas_from_lora(ckpt, *req.lora);
   std::vector<EvalLayer> layers;
   for (auto& l : all) {
+    SPEED_CHECK(all_finite(l.dw), "the edit of '{}' in '{}' is not finite (NaN or Inf in the {})",
+                l.layer->canonical, edit_path, req.edited ? "weight" : "LoRA factors or alpha");
     if (l.dw.abs().max().item<double>() > 0) layers.push_back(std::move(l));
   }
   SPEED_CHECK(!layers.empty(), "'{}' does not change any K/V layer of '{}'",

@@ -108,8 +108,9 @@ void collect_unet(Checkpoint& ck, const std::vector<std::size_t>& files, FamilyV
              st.path(), t.name);
       }
       if (!key) continue;
-      SPEED_CHECK(t.shape.size() == 2, "'{}': tensor '{}' has shape {}, expected [out, in]", st.path(), t.name,
-                  format_shape(t.shape));
+      SPEED_CHECK(t.shape.size() == 2 && t.shape[0] > 0 && t.shape[1] > 0,
+                  "'{}': tensor '{}' has shape {}, expected [out, in] with out, in >= 1", st.path(),
+                  t.name, format_shape(t.shape));
       SPEED_CHECK(seen.insert(key->canonical).second, "'{}': tensor '{}' appears twice (as '{}')", st.path(),
                   key->canonical, t.name);
       KVLayer l;

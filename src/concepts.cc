@@ -29,6 +29,13 @@ std::string_view trim(std::string_view s) {
 
 void check_utf8(std::string_view data, const std::string& label) {
   std::size_t off = 0;
+  if (is_valid_utf8(data, &off) && (off = data.find('\0')) != std::string_view::npos) {
+    // Valid UTF-8, but no text holds NUL: a UTF-16 file, or binary data.
+    std::size_t line = 1;
+    for (std::size_t i = 0; i < off; ++i) line += data[i] == '\n';
+    throw Error(fmt::format("file '{}' line {} holds a NUL byte (byte offset {})", label, line, off),
+                "save the file as UTF-8 text (UTF-16 has NUL bytes)");
+  }
   if (is_valid_utf8(data, &off)) return;
   std::size_t line = 1;
   for (std::size_t i = 0; i < off; ++i) line += data[i] == '\n';
@@ -266,6 +273,26 @@ std::vector<ConceptEntry> read_source(const std::string& spec_text,
   const std::string data = detail::read_file_limited(spec.path);
   return csv_column(parse_csv(data, spec.path), spec.path, *spec.column, spec.where_key,
                     spec.where_value, duplicates);
+}
+
+std::string source_file(const std::string& spec_text, const std::optional<std::string>& data_dir) {
+  try {
+    const SourceSpec spec = parse_source_spec(resolve_data_path(spec_text, data_dir));
+    return spec.column ? resolve_data_path(spec.path, data_dir) : spec.path;
+  } catch (const Error&) {
+    return {};
+  }
+}
+
+std::vector<std::string> source_files(const ConceptInputs& inputs) {
+  std::vector<std::string> out;
+  for (const auto* list : {&inputs.concept_sources, &inputs.retain_sources}) {
+    for (const std::string& spec : *list) {
+      std::string f = source_file(spec, inputs.data_dir);
+      if (!f.empty()) out.push_back(std::move(f));
+    }
+  }
+  return out;
 }
 
 ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets,

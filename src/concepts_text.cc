@@ -1,5 +1,9 @@
 // UTF-8 validation, Python-compatible lower-casing and whole-word search (the reference's
 // re.search(r'\b' + re.escape(target.lower()) + r'\b', text.lower())).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <vector>
@@ -57,10 +61,25 @@ void append_utf8(std::string& out, std::uint32_t cp) {
 }
 
 std::string read_file_limited(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f)
+  // Opened without blocking: a named pipe nobody writes to would otherwise hang the open for
+  // good. Reads block again (a pipe's writer, as in `--concepts <(...)`, is already there).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0)
     fail_hint("check the path, or set --data-dir / $SPEED_ERASE_DATA for the paper's data files",
               "cannot open '{}'", path);
+  struct stat st {};
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  const bool pipe = stat_ok && S_ISFIFO(st.st_mode);
+  if (!stat_ok || S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    fail("'{}' is a folder, expected a text file", path);
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  std::FILE* f = ::fdopen(fd, "rb");
+  if (!f) {
+    ::close(fd);
+    fail("cannot open '{}'", path);
+  }
   std::string data;
   char buf[65536];
   std::size_t got;
@@ -74,6 +93,8 @@ std::string read_file_limited(const std::string& path) {
   const bool err = std::ferror(f) != 0;
   std::fclose(f);
   SPEED_CHECK(!err, "cannot read '{}'", path);
+  SPEED_CHECK(!pipe || !data.empty(), "'{}' is a pipe and gave no data (nothing writes to it)",
+              path);
   return data;
 }
 

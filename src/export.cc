@@ -115,6 +115,22 @@ std::string prepare_output(const Checkpoint& ckpt, const ExportOptions& options)
     throw UsageError(fmt::format("output '{}' is inside the input model folder '{}'", out, ckpt.path),
                      "write the output next to the model folder, not into it");
   }
+  for (const auto& f : options.inputs) {
+    if (f.empty() || !fs::is_regular_file(f, ec)) continue;
+    if (same_entity(p, f)) {
+      throw UsageError(fmt::format("output '{}' is the input file '{}'", out, f),
+                       "speed-erase never modifies its input; choose another --output");
+    }
+  }
+  // With --force an existing folder is replaced whole: never one that holds an input.
+  std::vector<std::string> held = options.inputs;
+  held.push_back(ckpt.path);
+  for (const auto& f : held) {
+    if (!f.empty() && fs::exists(f, ec) && is_inside(f, p)) {
+      throw UsageError(fmt::format("output '{}' contains the input '{}'", out, f),
+                       "speed-erase never modifies its input; choose another --output");
+    }
+  }
   if (fs::exists(fs::symlink_status(p, ec))) {
     if (!options.force) {
       fail_hint("pass --force to replace it, or choose another --output",
@@ -329,11 +345,23 @@ void export_full_folder(const Checkpoint& ckpt, const EditedWeights& edited, con
   // input's files in place (and the reverse), defeating "the input is never touched". Each file
   // is fsynced inside the hidden folder before the folder takes the output's name.
   std::error_code ec;
+  // Links are followed (a Hugging Face cache snapshot is a folder of links into blobs/), but a
+  // link to a folder that contains it (`self -> .`, `up -> ..`) would be copied into itself until
+  // the path grew too long: refused, as is nesting no model has.
+  constexpr int kMaxFolderDepth = 16;
   for (auto it = fs::recursive_directory_iterator(root, fs::directory_options::follow_directory_symlink);
        it != fs::recursive_directory_iterator(); ++it) {
     fs::path rel = it->path().lexically_relative(root);
     fs::path dst = tmp / rel;
     if (it->is_directory()) {
+      SPEED_CHECK(it.depth() < kMaxFolderDepth, "'{}' is nested {} folders deep in '{}', expected at most {}",
+                  rel.string(), it.depth() + 1, root.string(), kMaxFolderDepth);
+      if (it->is_symlink()) {
+        const fs::path target = fs::canonical(it->path(), ec);
+        SPEED_CHECK(!ec && !is_inside(it->path().parent_path(), target),
+                    "'{}' in the model folder is a link to '{}', which contains it (a link loop)",
+                    rel.string(), ec ? std::string("?") : target.string());
+      }
       fs::create_directories(dst, ec);
       SPEED_CHECK(!ec, "cannot create folder '{}': {}", dst.string(), ec.message());
       continue;

@@ -126,6 +126,9 @@ void export_lora(const Checkpoint& ckpt, const EditedWeights& edited, const Expo
     if (f.rank > 0) {
       at::Tensor up = f.up.to(at::kFloat).contiguous();
       at::Tensor down = f.down.to(at::kFloat).contiguous();
+      SPEED_CHECK(all_finite(up) && all_finite(down),
+                  "the LoRA factors of '{}' overflow float32 (|ΔW| up to {:.4g})", layer.canonical,
+                  delta.abs().max().item<double>());
       at::Tensor alpha = at::full({}, static_cast<double>(f.rank), at::kFloat);
       double dn = delta.norm().item<double>();
       info.rel_error =

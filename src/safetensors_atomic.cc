@@ -54,17 +54,22 @@ void unregister_temp(int slot) {
 // Removes `name` (relative to the folder `parent`) and, for a folder, everything below it, with
 // system calls only (openat, getdents64, unlinkat, close): no allocation and no lock, so that the
 // signal handler can use it too. Symbolic links are removed, never followed. Another thread may
-// still be creating files in the folder while a signal handler runs: entries are re-read until a
-// pass finds none (bounded), so a file created meanwhile does not keep the folder alive.
-void remove_tree_at(int parent, const char* name, int depth) {
-  if (::unlinkat(parent, name, 0) == 0 || errno == ENOENT) return;
-  constexpr int kMaxDepth = 24;  // diffusers folders are 3 deep; the bound keeps the stack small
+// still be creating files in the folder while a signal handler runs: entries are re-read while a
+// pass removes something (at most 8 passes), so a file created meanwhile does not keep the folder
+// alive. A pass that removes nothing ends the folder's passes: an entry that cannot be removed
+// (deeper than kMaxDepth, no permission) costs one visit, not 8 per level above it (which made
+// a 30-level folder take ~8^6 visits and a signal handler spin for good). Returns true when
+// `name` is gone.
+bool remove_tree_at(int parent, const char* name, int depth) {
+  if (::unlinkat(parent, name, 0) == 0 || errno == ENOENT) return true;
+  // Outputs are at most 3 deep; 64 levels of 2 KiB buffers is 128 KiB of stack.
+  constexpr int kMaxDepth = 64;
   if (depth < kMaxDepth) {
     int fd = ::openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd >= 0) {
       alignas(8) char buf[2048];
       for (int pass = 0; pass < 8; ++pass) {
-        bool seen = false;
+        bool removed = false;
         ::lseek(fd, 0, SEEK_SET);
         for (;;) {
           long n = ::syscall(SYS_getdents64, fd, buf, sizeof buf);
@@ -73,16 +78,15 @@ void remove_tree_at(int parent, const char* name, int depth) {
             const auto* d = reinterpret_cast<const struct dirent64*>(buf + off);
             off += d->d_reclen;
             if (std::strcmp(d->d_name, ".") == 0 || std::strcmp(d->d_name, "..") == 0) continue;
-            seen = true;
-            remove_tree_at(fd, d->d_name, depth + 1);
+            removed = remove_tree_at(fd, d->d_name, depth + 1) || removed;
           }
         }
-        if (!seen) break;
+        if (!removed) break;
       }
       ::close(fd);
     }
   }
-  ::unlinkat(parent, name, AT_REMOVEDIR);
+  return ::unlinkat(parent, name, AT_REMOVEDIR) == 0 || errno == ENOENT;
 }
 
 void remove_tree(const char* path) { remove_tree_at(AT_FDCWD, path, 0); }
@@ -158,7 +162,7 @@ bool is_temp_of(const char* entry, const std::string& base) {
   });
 }
 
-void remove_tree_at(int parent, const char* name, int depth);
+bool remove_tree_at(int parent, const char* name, int depth);
 
 // Removes the unlocked, old temps of `base` in the folder `dir`; never fails (a temp that cannot
 // be examined or removed stays). Returns how many were removed.
@@ -253,7 +257,18 @@ void install_cleanup_signal_handlers() {
   sa.sa_handler = cleanup_handler;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESETHAND;
-  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
+  // Every signal whose default action ends the process and that a user or a job runner sends:
+  // the temps go first, then the process dies by the signal as before.
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF,
+                  SIGXCPU}) {
+    sigaction(sig, &sa, nullptr);
+  }
+  // Ignored, so that the system call fails and the run reports it or carries on: a closed pipe
+  // on stderr (`2>&1 | head`) no longer kills a run halfway (writes to it just fail, and spdlog
+  // drops them), and a file-size limit (`ulimit -f`) becomes a write error naming the output
+  // ("File too large") whose temp is removed, instead of SIGXFSZ.
+  std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGXFSZ, SIG_IGN);
 }
 
 std::size_t pending_temp_files() {

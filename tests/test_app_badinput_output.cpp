@@ -97,7 +97,7 @@ TEST_CASE("bad output: folders, the input itself, existing files", "[e2e]") {
   }
   SECTION("report path is the input model") {
     fs::path out = tmp.out() / "x.safetensors";
-    expect_refused(cat(erase_args(model, out), {"--report", model.string()}), {2, "names the model or the output"}, out,
+    expect_refused(cat(erase_args(model, out), {"--report", model.string()}), {2, "names an input or the output"}, out,
                    watched, tmp.io());
   }
 }

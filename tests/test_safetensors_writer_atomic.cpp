@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <ctime>
 #include <filesystem>
@@ -281,6 +282,36 @@ TEST_CASE("atomic file and dir: temps left by a killed run are removed by the ne
   speed::AtomicDir d(model.string(), false);
   CHECK_FALSE(fs::exists(stale_model));
   CHECK(fs::exists(d.temp_path()));
+}
+
+TEST_CASE("atomic dir: deep stale temps are removed, and one too deep for that costs no time",
+          "[unit]") {
+  TempDir tmp;
+  const fs::path model = tmp.path / "model";
+  auto nest = [&](const fs::path& top, int depth) {
+    fs::path p = top;
+    for (int i = 0; i < depth; ++i) p /= "d";
+    fs::create_directories(p);
+    spit(p / "x.bin", "x");
+    age(top, 120);
+  };
+  const fs::path deep = tmp.path / ".model.tmp-Deep40";
+  nest(deep, 40);  // a copy that followed a link loop once left folders this deep
+  {
+    speed::AtomicDir d(model.string(), false);
+    CHECK_FALSE(fs::exists(deep));
+  }
+  // Beyond the remover's depth bound the innermost levels stay; before, each level above them
+  // was re-read 8 times (8^n visits: a hang, also inside the signal handler).
+  const fs::path too_deep = tmp.path / ".model.tmp-Deep80";
+  nest(too_deep, 80);
+  const auto t0 = std::chrono::steady_clock::now();
+  { speed::AtomicDir d(model.string(), false); }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(seconds < 10.0);  // a bound on a hang, not a timing: it takes milliseconds
+  std::error_code ec;
+  fs::remove_all(too_deep, ec);
 }
 
 TEST_CASE("atomic file: the temp of a run killed by SIGKILL is removed by the next run", "[unit]") {

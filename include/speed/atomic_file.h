@@ -87,9 +87,11 @@ class AtomicDir {
   bool overwrite_ = false;
 };
 
-// Temp files and folders in progress sit in a fixed registry so that SIGINT/SIGTERM/SIGHUP can
-// remove them (async-signal-safe system calls only) before the process dies with the signal's
-// default action. The CLI calls this once at start-up; the library never installs handlers.
+// Temp files and folders in progress sit in a fixed registry so that SIGINT/SIGTERM/SIGHUP (and
+// SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU) can remove them (async-signal-safe
+// system calls only) before the process dies with the signal's default action; SIGPIPE and
+// SIGXFSZ are ignored (the write fails and is reported instead). The CLI calls this once at
+// start-up; the library never installs handlers.
 void install_cleanup_signal_handlers();
 // Number of temp files and folders currently registered (tests).
 std::size_t pending_temp_files();

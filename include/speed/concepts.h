@@ -70,6 +70,11 @@ std::vector<ConceptEntry> read_source(const std::string& spec,
                                       const std::optional<std::string>& data_dir = std::nullopt,
                                       std::size_t* duplicates = nullptr);
 
+// The file a source spec reads (a concept file or a CSV), resolved as read_source() resolves it;
+// empty when the spec does not parse (read_source() then reports it).
+std::string source_file(const std::string& spec,
+                        const std::optional<std::string>& data_dir = std::nullopt);
+
 // Where a data file named in a preset or on the command line is: the path as given if it exists
 // (or is absolute), else <data_dir>/<path> where data_dir is `data_dir`, else $SPEED_ERASE_DATA.
 // Returns the path as given when nothing matches (the open then fails naming it).
@@ -108,6 +113,8 @@ struct ConceptSet {
 // that is neither 0, 1 nor N, a per-line anchor together with N anchors, an empty target,
 // a retain source without texts, a retain list emptied by the filter, limits exceeded.
 ConceptSet load_concepts(const ConceptInputs& inputs);
+// The files every concept and retain source of `inputs` reads (for the output checks).
+std::vector<std::string> source_files(const ConceptInputs& inputs);
 // The same from entries already read (tests, presets): no I/O.
 ConceptSet build_concept_set(const std::vector<ConceptEntry>& targets,
                              const std::vector<std::string>& anchors,

@@ -53,6 +53,9 @@ struct ExportOptions {
   // lora: singular values <= rank_rtol * s_max are dropped. <= 0 picks the precision-aware
   // default max(out, in) * eps(dtype of W') (numpy.linalg.matrix_rank's rule).
   double lora_rank_rtol = 0.0;
+  // The run's other input files (concept and retain lists, the preset, the merges file): the
+  // output may not be one of them, nor a folder holding one, as it may not be the model.
+  std::vector<std::string> inputs;
 };
 
 struct LoraLayerInfo {

@@ -1,6 +1,7 @@
 // `speed-erase [erase]`: every option of SPEC §3 plus the baselines' and run-control options.
 #include <unistd.h>
 
+#include <charconv>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -83,7 +84,19 @@ SPEED_CLI_COMMAND(erase) {
   track(sub->add_option("--iec-clusters", a.iec_clusters, "k-means centres of the empty prompt in K2 (default 3)"));
   track(sub->add_flag("--no-iec", a.no_iec, "no invariant equality constraints"));
   track(sub->add_flag("--all-tokens", a.all_tokens, "targets and anchors use all 76 token rows (implicit concepts)"));
-  track(sub->add_option("--seed", a.seed, "seed of the shuffle and DPA noise (default 0)"));
+  // CLI11 reads "-1" into an unsigned as 2^64 - 1 and saturates what is too large: the digits are
+  // checked first.
+  const CLI::Validator uint64_digits(
+      [](std::string& s) {
+        std::uint64_t v = 0;
+        const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (s.empty() || ec != std::errc() || end != s.data() + s.size())
+          return "is '" + s + "', expected an integer 0..18446744073709551615";
+        return std::string();
+      },
+      "UINT64");
+  track(sub->add_option("--seed", a.seed, "seed of the shuffle and DPA noise (default 0)")
+            ->check(uint64_digits));
   track(sub->add_option("--lamb", a.lamb, "UCE: lambda (default 0.5)"));
   track(sub->add_option("--erase-scale", a.erase_scale, "UCE: erase scale (default 1)"));
   track(sub->add_option("--preserve-scale", a.preserve_scale, "UCE: preserve scale (default 1)"));
@@ -106,7 +119,6 @@ SPEED_CLI_COMMAND(erase) {
   sub->callback([&action, &globals] {
     action = [&globals] {
       EraseArgs& a = *args;
-      install_cleanup_signal_handlers();
       EraseRequest r;
       r.model = a.model;
       r.concepts.concept_sources = a.concepts;
@@ -143,6 +155,7 @@ SPEED_CLI_COMMAND(erase) {
       if (!a.tokenizer.empty()) r.tokenizer = a.tokenizer;
       r.output.format = parse_format(a.format);
       r.output.output = a.output;
+      if (!a.preset.empty()) r.output.inputs.push_back(a.preset);  // when it names a file
       r.output.force = a.force;
       r.output.drop_ema = a.drop_ema;
       if (!a.report.empty()) r.report = a.report;

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "commands.h"
+#include "speed/atomic_file.h"
 #include "speed/error.h"
 #include "speed/log.h"
 #include "speed/version.h"
@@ -40,9 +41,37 @@ bool is_subcommand(const char* a) {
   return false;
 }
 
+// One line, whatever the message carries: names taken from an input (a tensor name with a newline
+// or a terminal escape in it) and LibTorch's multi-line messages get backslash escapes for their
+// control characters (C0, DEL and C1), so that a script reading stderr sees one `error:` line.
+std::string one_line(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const auto next = i + 1 < s.size() ? static_cast<unsigned char>(s[i + 1]) : 0;
+    char buf[8];
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      std::snprintf(buf, sizeof buf, "\\u%04x", next);
+      out += buf;
+      ++i;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
 int print_error(const std::string& message, const std::string& hint, int status) {
-  std::cerr << "error: " << message << "\n";
-  if (!hint.empty()) std::cerr << "hint: " << hint << "\n";
+  std::cerr << "error: " << one_line(message) << "\n";
+  if (!hint.empty()) std::cerr << "hint: " << one_line(hint) << "\n";
   return status;
 }
 
@@ -121,6 +150,7 @@ int run_main(int argc, char** argv) {
   }
   try {
     setup_logging(globals);
+    speed::install_cleanup_signal_handlers();  // every command that writes a file
     return action();
   } catch (const speed::Error& e) {
     return print_error(e.what(), e.hint(), static_cast<int>(e.kind()));
