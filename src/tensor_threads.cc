@@ -119,8 +119,12 @@ void run_tasks(std::size_t n, int threads, const std::function<void(std::size_t)
   // set_compute_threads() or edit_layers() gave the caller's: LibTorch's parallel_for catches up
   // lazily, but a LAPACK call from MKL (a pip LibTorch's BLAS) would run on every core, inside
   // threads that are already parallel, with bytes that depend on which thread got which task.
+  // Only where the BLAS is not OpenBLAS (whose pool is process-wide and kept at 1): init_num_threads
+  // goes through set_num_threads, which in LibTorch 1.13 also rebuilds its pthreadpool (a thread
+  // started and one joined) and clears oneDNN's cache, on every call.
+  const bool per_thread_blas = blas_set() == nullptr;
   auto worker = [&] {
-    at::init_num_threads();
+    if (per_thread_blas) at::init_num_threads();
     work();
   };
   std::vector<std::thread> pool;
