@@ -80,6 +80,18 @@ void collect_unet(Checkpoint& ck, const std::vector<std::size_t>& files, FamilyV
   }
   ck.unet_prefix = best->prefix;
   ck.unet_naming = best->naming == BlockNaming::Ldm ? "ldm" : "diffusers";
+  // K/V copies under another layout's names are not edited: a loader that reads those names
+  // would get the concept back.
+  for (const auto& sp : layouts::kUNetSpellings) {
+    if (&sp == best) continue;
+    if (const std::size_t n = count_matches(ck, files, sp); n > 0) {
+      log().warn("'{}' also holds {} cross-attention K/V tensor(s) named for another UNet layout "
+                 "({} names, prefix '{}'); only the {} named for '{}' ({} names) are edited, the "
+                 "others are copied unchanged",
+                 ck.path, n, sp.naming == BlockNaming::Ldm ? "LDM" : "diffusers", sp.prefix,
+                 best_n, best->prefix, best->naming == BlockNaming::Ldm ? "LDM" : "diffusers");
+    }
+  }
   const std::size_t plen = std::strlen(best->prefix);
 
   struct Entry {

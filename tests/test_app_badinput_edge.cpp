@@ -95,6 +95,25 @@ TEST_CASE("bad input (edge): checkpoints whose headers parse", "[e2e]") {
     expect_refused(cat(erase_args(model, output), {"--concept", "Pikachu"}),
                    {1, "junk\\nerror: injected line"}, output, watched, tmp.io());
   }
+  SECTION("K/V copies under a second layout's names: edited under one, a warning for the other") {
+    auto ts = fixture_tensors();
+    const std::string ldm = "model.diffusion_model.";
+    std::size_t copies = 0;
+    for (std::size_t i = 0, n = ts.size(); i < n; ++i) {
+      if (is_kv(ts[i].name) && ts[i].name.rfind(ldm, 0) == 0) {
+        Tensor t = ts[i];
+        t.name = t.name.substr(std::string("model.").size());  // ComfyUI's "diffusion_model."
+        ts.push_back(t);
+        ++copies;
+      }
+    }
+    REQUIRE(copies == 32);
+    spit(model, rebuild(ts));
+    Run r = run(cat(erase_args(model, output), {"--concept", "Pikachu"}), tmp.io());
+    INFO("stderr:\n" << r.err);
+    CHECK(r.rc == 0);
+    CHECK_THAT(r.err, Catch::Contains("also holds 32 cross-attention K/V tensor(s) named for another UNet layout"));
+  }
   SECTION("finite fp16 weights near 65504 whose edit overflows fp16 (was written as Inf)") {
     auto ts = fixture_tensors();
     std::uint32_t state = 12345;

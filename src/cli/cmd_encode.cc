@@ -84,7 +84,7 @@ SPEED_CLI_COMMAND(encode) {
       ->required();
   sub->add_option("--tokenizer", a->tokenizer, "CLIP merges file or diffusers tokenizer/ folder");
   sub->add_option("--device", a->device, "cpu (default) or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  sub->add_option("--threads", a->threads, "CPU threads (default: LibTorch's)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--threads", a->threads, "CPU threads (default: LibTorch's)")->check(CLI::Range(0, 1024));
   sub->add_flag("--no-cache", a->no_cache, "do not read or write the embedding cache");
   sub->add_option("--cache-dir", a->cache_dir, "embedding cache folder (default ~/.cache/speed-erase)");
   sub->add_flag("--force", a->force, "overwrite an existing output file");

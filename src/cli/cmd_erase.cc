@@ -102,7 +102,7 @@ SPEED_CLI_COMMAND(erase) {
   track(sub->add_option("--preserve-scale", a.preserve_scale, "UCE: preserve scale (default 1)"));
   track(sub->add_flag("--allow-empty-null-space", a.allow_empty, "leave a layer unedited instead of failing when no eigenvalue is below tau"));
   sub->add_option("--device", a.device, "auto (default), cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  sub->add_option("--threads", a.threads, "CPU threads (default: every core this process may use)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--threads", a.threads, "CPU threads (default: every core this process may use)")->check(CLI::Range(0, 1024));
   sub->add_option("--tokenizer", a.tokenizer, "CLIP merges file or diffusers tokenizer/ folder");
   sub->add_option("--output", a.output, "output path (default: <model>.speed-erase.<ext> beside the model)");
   sub->add_option("--format", a.format, "full (default), edited, pt or lora")

@@ -37,7 +37,7 @@ SPEED_CLI_COMMAND(eval) {
   sub->add_option("--anchor", a.anchors, "the anchor(s) used for the edit (default \"\")");
   sub->add_option("--prompts", a.prompts, "prompt set: FILE or FILE.csv:COLUMN (repeatable)");
   sub->add_option("--max-prompts", a.max_prompts, "use the first N prompts of each set (0: all)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 2147483647));
   sub->add_option("--tokenizer", a.tokenizer, "CLIP merges file or diffusers tokenizer/ folder");
   sub->add_option("--device", a.device, "auto (default), cpu or cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
