@@ -27,21 +27,19 @@ std::string_view trim(std::string_view s) {
   return s.substr(b, s.find_last_not_of(ws) - b + 1);
 }
 
-void check_utf8(std::string_view data, const std::string& label) {
-  std::size_t off = 0;
-  if (is_valid_utf8(data, &off) && (off = data.find('\0')) != std::string_view::npos) {
-    // Valid UTF-8, but no text holds NUL: a UTF-16 file, or binary data.
-    std::size_t line = 1;
-    for (std::size_t i = 0; i < off; ++i) line += data[i] == '\n';
-    throw Error(fmt::format("file '{}' line {} holds a NUL byte (byte offset {})", label, line, off),
+std::size_t line_of(std::string_view data, std::size_t offset) {
+  return 1 + static_cast<std::size_t>(std::count(data.begin(), data.begin() + offset, '\n'));
+}
+
+// A concept or CSV file: UTF-8, and no NUL byte (valid UTF-8 that no text holds: a UTF-16 file,
+// or binary data).
+void check_text_file(std::string_view data, const std::string& label) {
+  check_utf8(data, label);
+  if (const std::size_t off = data.find('\0'); off != std::string_view::npos) {
+    throw Error(fmt::format("file '{}' line {} holds a NUL byte (byte offset {})", label,
+                            line_of(data, off), off),
                 "save the file as UTF-8 text (UTF-16 has NUL bytes)");
   }
-  if (is_valid_utf8(data, &off)) return;
-  std::size_t line = 1;
-  for (std::size_t i = 0; i < off; ++i) line += data[i] == '\n';
-  throw Error(
-      fmt::format("file '{}' line {} is not valid UTF-8 (byte offset {})", label, line, off),
-      "save the file as UTF-8");
 }
 
 std::string_view strip_bom(std::string_view data) {
@@ -101,7 +99,7 @@ SourceSpec parse_source_spec(const std::string& spec, bool (*exists)(const std::
 }
 
 std::vector<ConceptEntry> parse_concept_text(std::string_view data, const std::string& label) {
-  check_utf8(data, label);
+  check_text_file(data, label);
   data = strip_bom(data);
   std::vector<ConceptEntry> out;
   std::size_t line_no = 0;
@@ -135,7 +133,7 @@ std::vector<ConceptEntry> parse_concept_text(std::string_view data, const std::s
 }
 
 CsvTable parse_csv(std::string_view data, const std::string& label) {
-  check_utf8(data, label);
+  check_text_file(data, label);
   data = strip_bom(data);
   CsvTable t;
   std::size_t i = 0, line = 1;
@@ -273,6 +271,14 @@ std::vector<ConceptEntry> read_source(const std::string& spec_text,
   const std::string data = detail::read_file_limited(spec.path);
   return csv_column(parse_csv(data, spec.path), spec.path, *spec.column, spec.where_key,
                     spec.where_value, duplicates);
+}
+
+void check_utf8(std::string_view data, const std::string& label) {
+  std::size_t off = 0;
+  if (is_valid_utf8(data, &off)) return;
+  throw Error(fmt::format("file '{}' line {} is not valid UTF-8 (byte offset {})", label,
+                          line_of(data, off), off),
+              "save the file as UTF-8");
 }
 
 std::string source_file(const std::string& spec_text, const std::optional<std::string>& data_dir) {

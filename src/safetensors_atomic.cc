@@ -165,13 +165,12 @@ bool is_temp_of(const char* entry, const std::string& base) {
 bool remove_tree_at(int parent, const char* name, int depth);
 
 // Removes the unlocked, old temps of `base` in the folder `dir`; never fails (a temp that cannot
-// be examined or removed stays). Returns how many were removed.
-int remove_stale_temps(const std::string& dir, const std::string& base) {
+// be examined or removed stays).
+void remove_stale_temps(const std::string& dir, const std::string& base) {
   DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return 0;
+  if (d == nullptr) return;
   const int dfd = ::dirfd(d);
   const std::time_t now = std::time(nullptr);
-  int removed = 0;
   while (const struct dirent* e = ::readdir(d)) {
     if (!is_temp_of(e->d_name, base)) continue;
     struct stat st {};
@@ -187,12 +186,10 @@ int remove_stale_temps(const std::string& dir, const std::string& base) {
       remove_tree_at(dfd, e->d_name, 0);
       log().info("removed '{}{}', left by an interrupted run", dir == "." ? "" : dir + "/",
                  e->d_name);
-      ++removed;
     }
     ::close(fd);
   }
   ::closedir(d);
-  return removed;
 }
 
 // An exclusive lock on `fd`'s file held through a descriptor of its own (-1 where none can be

@@ -14,11 +14,6 @@ using namespace badinput;
 
 namespace {
 
-std::vector<std::string> erase_args(const fs::path& model, const fs::path& output) {
-  return {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q",
-          "--output", output.string()};
-}
-
 struct BadFile {
   std::string what;
   std::string bytes;

@@ -16,11 +16,6 @@ using namespace badinput;
 
 namespace {
 
-std::vector<std::string> erase_args(const fs::path& model, const fs::path& output) {
-  return {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q",
-          "--output", output.string()};
-}
-
 struct Tensor {
   std::string name, dtype;
   std::vector<std::int64_t> shape;

@@ -17,9 +17,8 @@ using namespace badinput;
 
 namespace {
 
-std::vector<std::string> erase_args(const fs::path& model, const fs::path& output) {
-  return {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q", "--concept", "Pikachu",
-          "--output", output.string()};
+std::vector<std::string> pikachu_args(const fs::path& model, const fs::path& output) {
+  return cat(erase_args(model, output), {"--concept", "Pikachu"});
 }
 
 // A 64 KiB tmpfs (needs root and CAP_SYS_ADMIN); unmounted on destruction.
@@ -46,16 +45,16 @@ TEST_CASE("bad output: folders, the input itself, existing files", "[e2e]") {
 
   SECTION("output folder missing") {
     fs::path out = tmp.out() / "no" / "such" / "dir" / "x.safetensors";
-    expect_refused(erase_args(model, out), {1, "output folder '" + out.parent_path().string() + "' does not exist"},
+    expect_refused(pikachu_args(model, out), {1, "output folder '" + out.parent_path().string() + "' does not exist"},
                    out, watched, tmp.io());
   }
   SECTION("output folder is a regular file (robust 'unwritable' even as root)") {
     spit(tmp.out() / "plain", "not a folder");
     fs::path out = tmp.out() / "plain" / "x.safetensors";
-    expect_refused(erase_args(model, out), {1, "output folder '" + out.parent_path().string() + "'"}, out, watched,
+    expect_refused(pikachu_args(model, out), {1, "output folder '" + out.parent_path().string() + "'"}, out, watched,
                    tmp.io());
     out = tmp.out() / "plain" / "sub" / "x.safetensors";
-    expect_refused(erase_args(model, out), {1, "does not exist"}, out, watched, tmp.io());
+    expect_refused(pikachu_args(model, out), {1, "does not exist"}, out, watched, tmp.io());
   }
   SECTION("output is the input, however spelled") {
     fs::create_symlink(model, tmp.out() / "link.safetensors");
@@ -63,7 +62,7 @@ TEST_CASE("bad output: folders, the input itself, existing files", "[e2e]") {
     for (const fs::path& p : {model, tmp.in() / "." / "model.safetensors", tmp.out() / ".." / "in" / "model.safetensors",
                               tmp.out() / "link.safetensors", tmp.out() / "hard.safetensors"}) {
       INFO("--output " << p.string());
-      Run r = run(cat(erase_args(model, p), {"--force"}), tmp.io());
+      Run r = run(cat(pikachu_args(model, p), {"--force"}), tmp.io());
       CHECK(r.rc == 2);
       check_error_lines(r.err, "is the input model");
     }
@@ -72,7 +71,7 @@ TEST_CASE("bad output: folders, the input itself, existing files", "[e2e]") {
   SECTION("output is a folder") {
     fs::create_directories(tmp.out() / "folder.safetensors");
     fs::path out = tmp.out() / "folder.safetensors";
-    Run r = run(cat(erase_args(model, out), {"--force"}), tmp.io());
+    Run r = run(cat(pikachu_args(model, out), {"--force"}), tmp.io());
     CHECK(r.rc == 1);
     check_error_lines(r.err, "is a folder, expected a file for --format full");
     CHECK(fs::is_empty(out));
@@ -80,24 +79,24 @@ TEST_CASE("bad output: folders, the input itself, existing files", "[e2e]") {
   SECTION("output exists: refused without --force, untouched") {
     fs::path out = tmp.out() / "exists.safetensors";
     spit(out, "precious");
-    Run r = run(erase_args(model, out), tmp.io());
+    Run r = run(pikachu_args(model, out), tmp.io());
     CHECK(r.rc == 1);
     check_error_lines(r.err, "output '" + out.string() + "' already exists");
     CHECK(slurp(out) == "precious");
   }
   SECTION("output is a character device (/dev/full)") {
-    Run r = run(cat(erase_args(model, "/dev/full"), {"--force"}), tmp.io());
+    Run r = run(cat(pikachu_args(model, "/dev/full"), {"--force"}), tmp.io());
     CHECK(r.rc == 1);
     check_error_lines(r.err, "output '/dev/full' exists and is not a regular file");
   }
   SECTION("report folder missing") {
     fs::path out = tmp.out() / "x.safetensors";
-    expect_refused(cat(erase_args(model, out), {"--report", (tmp.out() / "nope" / "r.json").string()}),
+    expect_refused(cat(pikachu_args(model, out), {"--report", (tmp.out() / "nope" / "r.json").string()}),
                    {1, "report folder"}, out, watched, tmp.io());
   }
   SECTION("report path is the input model") {
     fs::path out = tmp.out() / "x.safetensors";
-    expect_refused(cat(erase_args(model, out), {"--report", model.string()}), {2, "names an input or the output"}, out,
+    expect_refused(cat(pikachu_args(model, out), {"--report", model.string()}), {2, "names an input or the output"}, out,
                    watched, tmp.io());
   }
 }
@@ -113,13 +112,13 @@ TEST_CASE("bad output: a full disk leaves nothing behind, in every format", "[e2
   for (const char* format : {"full", "edited", "pt", "lora"}) {
     INFO("--format " << format);
     const fs::path out = disk.dir / (std::string("x.") + format);
-    expect_refused(cat(erase_args(model, out), {"--format", format}), {1, "No space left on device"}, out,
+    expect_refused(cat(pikachu_args(model, out), {"--format", format}), {1, "No space left on device"}, out,
                    {tmp.in(), disk.dir}, tmp.io());
   }
   // The output fits, the report does not: the run fails and takes its output with it.
   {
     const fs::path out = tmp.out() / "x.safetensors";
-    expect_refused(cat(erase_args(model, out), {"--format", "edited", "--report", (disk.dir / "r.json").string()}),
+    expect_refused(cat(pikachu_args(model, out), {"--format", "edited", "--report", (disk.dir / "r.json").string()}),
                    {1, "No space left on device"}, out, {tmp.in(), tmp.out(), disk.dir}, tmp.io());
   }
 }
@@ -138,7 +137,7 @@ TEST_CASE("bad output: SIGINT/SIGTERM during the write leave no output and no te
   for (int sig : {SIGINT, SIGTERM}) {
     INFO("signal " << ::strsignal(sig));
     const fs::path out = tmp.out() / "edited.safetensors";
-    pid_t pid = spawn(erase_args(model, out), tmp.io());
+    pid_t pid = spawn(pikachu_args(model, out), tmp.io());
     // Wait for the temp file to exist and hold data (its registration for clean-up follows its
     // creation by microseconds), then signal once.
     const bool seen = wait_while_running(pid, tmp.io(), [&] {

@@ -228,6 +228,12 @@ inline Run expect_refused(const std::vector<std::string>& args, const Refusal& w
   return r;
 }
 
+// `erase` on `model` with the fixture's merges, no cache, quiet, writing `output`.
+inline std::vector<std::string> erase_args(const fs::path& model, const fs::path& output) {
+  return {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q",
+          "--output", output.string()};
+}
+
 // ---- crafted safetensors ----
 
 inline std::uint64_t le64(const std::string& b, std::size_t at = 0) {

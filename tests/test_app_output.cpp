@@ -17,9 +17,8 @@ using namespace badinput;
 
 namespace {
 
-std::vector<std::string> erase_args(const fs::path& model, const fs::path& output) {
-  return {"--model", model.string(), "--tokenizer", kMerges, "--no-cache", "-q", "--concept", "Pikachu",
-          "--output", output.string(), "--force"};
+std::vector<std::string> forced_pikachu_args(const fs::path& model, const fs::path& output) {
+  return cat(erase_args(model, output), {"--concept", "Pikachu", "--force"});
 }
 
 // A 64 KiB tmpfs (root with CAP_SYS_ADMIN), nearly filled so that a temp file can be created but
@@ -69,7 +68,7 @@ TEST_CASE("output: a report that cannot be written leaves the previous output as
       if (std::string(format) == "pt") spit(out.string() + ".report.json", "the previous sidecar");
       const auto before = snapshot(tmp.out());
       const auto hashes_before = hashes(tmp.out());
-      Run r = run(cat(erase_args(model, out), {"--format", format, "--report", report.string()}), tmp.io());
+      Run r = run(cat(forced_pikachu_args(model, out), {"--format", format, "--report", report.string()}), tmp.io());
       CHECK(r.rc == 1);
       check_error_lines(r.err, "No space left on device");
       CHECK(slurp(out) == std::string("the previous output of format ") + format);
@@ -88,7 +87,7 @@ TEST_CASE("output: a report that cannot be written leaves the previous output as
     spit(out / "model_index.json", "{}");
     const auto before = snapshot(tmp.out());
     const auto hashes_before = hashes(tmp.out());
-    Run r = run(cat(erase_args(model, out), {"--report", report.string()}), tmp.io());
+    Run r = run(cat(forced_pikachu_args(model, out), {"--report", report.string()}), tmp.io());
     CHECK(r.rc == 1);
     check_error_lines(r.err, "No space left on device");
     INFO("output folder before:\n" << show(before) << "after:\n" << show(snapshot(tmp.out())));
@@ -101,7 +100,7 @@ TEST_CASE("output: a report that cannot be written leaves the previous output as
     fs::copy_file(kFixture, model);
     const fs::path out = tmp.out() / "old.full";
     spit(out, "the previous output");
-    Run r = run(cat(erase_args(model, out), {"--report", (tmp.out() / "r.json").string()}), tmp.io());
+    Run r = run(cat(forced_pikachu_args(model, out), {"--report", (tmp.out() / "r.json").string()}), tmp.io());
     INFO("stderr:\n" << r.err);
     CHECK(r.rc == 0);
     CHECK(fs::file_size(out) > fs::file_size(kFixture) / 2);
@@ -128,7 +127,7 @@ TEST_CASE("output: SIGTERM while a diffusers folder is written leaves no temp fo
       spit(out / "unet" / "diffusion_pytorch_model.safetensors", "the previous UNet");
     }
     const auto before = snapshot(tmp.out());
-    pid_t pid = spawn(erase_args(model, out), tmp.io());
+    pid_t pid = spawn(forced_pikachu_args(model, out), tmp.io());
     // Wait for the hidden temp folder to hold more than 1 MiB, then signal once.
     const bool seen = wait_while_running(pid, tmp.io(), [&] {
       std::error_code ec;

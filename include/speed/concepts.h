@@ -87,6 +87,9 @@ std::string resolve_data_path(const std::string& path,
 std::string lower_text(std::string_view utf8);
 bool contains_whole_word(std::string_view text_lower, std::string_view word_lower);
 bool is_valid_utf8(std::string_view s, std::size_t* error_offset = nullptr);
+// Throws speed::Error naming `label` (a file), the line and the byte offset of the first byte
+// that is not valid UTF-8.
+void check_utf8(std::string_view data, const std::string& label);
 
 // What the command line (or a preset) says about the texts.
 struct ConceptInputs {

@@ -6,7 +6,6 @@
 // trailing CR is removed); a final newline does not add a prompt; a UTF-8 BOM is dropped.
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -42,13 +41,7 @@ std::vector<std::string> read_prompt_lines(const std::string& path) {
   SPEED_CHECK(in.good(), "cannot open prompts file '{}'", path);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (text.compare(0, 3, "\xEF\xBB\xBF") == 0) text.erase(0, 3);
-  std::size_t bad = 0;
-  if (!is_valid_utf8(text, &bad)) {
-    const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(bad), '\n');
-    throw Error(fmt::format("prompts file '{}' line {} is not valid UTF-8 (byte offset {})", path,
-                            line, bad),
-                "save the file as UTF-8");
-  }
+  check_utf8(text, path);
   std::vector<std::string> lines;
   std::size_t start = 0;
   while (start < text.size()) {
