@@ -12,8 +12,10 @@
 #include "speed/error.h"
 #include "speed/safetensors.h"
 #include "speed/tensor.h"
+#include "test_clip_close.h"
 
 using namespace speed;
+using speed::test::check_close;
 
 namespace {
 
@@ -109,18 +111,6 @@ std::map<std::string, at::Tensor> to64(const std::map<std::string, at::Tensor>& 
 
 double max_abs(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
-}
-
-// Prints the worst element side by side when over tolerance.
-void check_close(const at::Tensor& got, const at::Tensor& want, double tol, const std::string& what) {
-  REQUIRE(got.sizes() == want.sizes());
-  at::Tensor d = (got.to(at::kDouble) - want.to(at::kDouble)).abs();
-  const double m = d.max().item<double>();
-  const auto idx = d.argmax().item<std::int64_t>();
-  INFO(what << ": max abs diff " << m << " (tolerance " << tol << ") at flat index " << idx
-            << ": got " << got.reshape(-1)[idx].item<double>() << ", expected "
-            << want.reshape(-1)[idx].item<double>());
-  CHECK(m <= tol);
 }
 
 at::Tensor ids_tensor(const std::vector<std::vector<std::int64_t>>& rows) {

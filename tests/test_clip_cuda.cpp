@@ -1,5 +1,6 @@
 // [cuda]: the text encoder on the GPU gives the CPU's rows (float32, TF32 off) and the float64
-// golden's. Without a GPU: skipped with a visible warning, or failed under SPEED_REQUIRE_CUDA=1.
+// golden's (largest absolute difference). Without a GPU: skipped with a visible warning, or
+// failed under SPEED_REQUIRE_CUDA=1.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -12,25 +13,11 @@
 #include "speed/clip.h"
 #include "speed/safetensors.h"
 #include "speed/tensor.h"
+#include "test_clip_close.h"
 #include "test_cuda.h"
 
 using namespace speed;
-
-namespace {
-
-// max |a - b| / max(max |b|, 1e-30), both moved to the CPU as float64; prints both sides' first
-// values when above `tol`.
-void check_close(const at::Tensor& got, const at::Tensor& want, double tol, const std::string& what) {
-  const at::Tensor a = got.cpu().to(at::kDouble), b = want.cpu().to(at::kDouble);
-  REQUIRE(a.sizes() == b.sizes());
-  const double scale = std::max(b.abs().max().item<double>(), 1e-30);
-  const double err = (a - b).abs().max().item<double>() / scale;
-  INFO(what << ": max relative difference " << err << " (tolerance " << tol << "); first values gpu "
-            << a.flatten().slice(0, 0, 4) << " cpu " << b.flatten().slice(0, 0, 4));
-  CHECK(err < tol);
-}
-
-}  // namespace
+using speed::test::check_close;
 
 TEST_CASE("cuda: the text encoder on the GPU matches the CPU and the float64 golden", "[cuda]") {
   if (!test::cuda_or_skip()) return;
